@@ -1,0 +1,16 @@
+"""prosmin-bench: benchmark self-supervised vision backbones (ProSMin, DINO, iBOT, MoCo-v3) on the ProSMin
+paper's tasks, with versioned results and generated leaderboards.
+
+Public API::
+
+    from prosmin_bench import evaluate, get_model, get_task, list_models, list_tasks, load_results
+    from prosmin_bench.metrics import expected_calibration_error, ood_metrics, mean_corruption_error
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import evaluate, get_model, get_task, list_models, list_tasks, load_results
+
+__all__ = ["evaluate", "get_model", "get_task", "list_models", "list_tasks", "load_results", "__version__"]

@@ -1,0 +1,234 @@
+"""Command line: thin; every subcommand fills a typed options object and makes one library call.
+
+Errors a user can fix print one line on stderr and exit non-zero; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import ProsminBenchError
+
+log = logging.getLogger("prosmin_bench")
+
+EXAMPLES = """examples:
+  prosmin-bench run                                    # the mini suite: pretrain missing micro models, evaluate, leaderboard
+  prosmin-bench run --model random_micro --task digits_knn --task digits_linear
+  prosmin-bench run --model prosmin_vits16 --task imagenet_c --data-root /data
+  prosmin-bench run --suite imagenet --model dino_vits16 --model ibot_vits16 --weights-dir /ckpts
+  prosmin-bench list models | tasks
+  prosmin-bench pretrain --recipe prosmin_micro [--epochs N] [--out DIR]
+  torchrun --nproc_per_node=8 -m prosmin_bench pretrain --recipe prosmin_vits16_in1k --data-root /data
+  prosmin-bench leaderboard [--results leaderboards/results] [--out leaderboards/mini.md]
+  prosmin-bench data check --data-root /data
+"""
+
+
+def _parse_memory(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 16G, 512M or 1073741824, got {text!r}") from None
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like '0,1,2', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prosmin-bench", description=__doc__.splitlines()[0] if __doc__ else None,
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--cards", action="append", default=[], metavar="DIR", help="extra folder of task/model cards")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command")
+
+    r = sub.add_parser("run", help="evaluate models on tasks (default: the mini suite)", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--model", action="append", default=[], help="model name (repeatable)")
+    r.add_argument("--task", action="append", default=[], help="task name (repeatable)")
+    r.add_argument("--suite", choices=["mini", "imagenet"], help="all tasks (and, without --model, all models) of a suite")
+    r.add_argument("--seeds", type=_seeds, default=None, help="seeds, e.g. 0,1,2 (default 0,1,2 for the mini suite, else 0)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="feature extraction autocast")
+    r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: from the machine)")
+    r.add_argument("--max-memory", type=_parse_memory, default="1G", help="working memory for k-NN blocks, e.g. 4G")
+    r.add_argument("--data-root", type=Path, default=None, help="ImageNet-scale data root (see `data check`)")
+    r.add_argument("--weights", default=None, help="checkpoint path for the one --model")
+    r.add_argument("--weights-dir", default=None, help="folder searched first for official weights")
+    r.add_argument("--results", type=Path, default=None, help="results folder (default leaderboards/results)")
+    r.add_argument("--overwrite", action="store_true", help="recompute records that exist")
+    r.add_argument("--no-pretrain", action="store_true", help="do not pretrain missing micro models")
+    r.add_argument("--leaderboard", type=Path, default=None, help="write the leaderboard markdown here too")
+
+    ls = sub.add_parser("list", help="list models or tasks")
+    ls.add_argument("what", choices=["models", "tasks", "recipes", "datasets"])
+
+    pt = sub.add_parser("pretrain", help="pretrain a recipe (ProSMin, DINO, iBOT, MoCo-v3)")
+    pt.add_argument("--recipe", required=True)
+    pt.add_argument("--epochs", type=int, default=None)
+    pt.add_argument("--out", type=Path, default=None)
+    pt.add_argument("--resume", action="store_true")
+    pt.add_argument("--device", default="auto")
+    pt.add_argument("--data-root", type=Path, default=None)
+    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+
+    lb = sub.add_parser("leaderboard", help="render the leaderboard markdown from result files")
+    lb.add_argument("--results", type=Path, default=None)
+    lb.add_argument("--out", type=Path, default=None)
+    lb.add_argument("--suite", choices=["mini", "imagenet"], default=None)
+
+    d = sub.add_parser("data", help="check data or build ImageNet-C")
+    dsub = d.add_subparsers(dest="data_command")
+    dc = dsub.add_parser("check", help="what is present, missing, and how to get it")
+    dc.add_argument("--data-root", type=Path, default=None)
+    mc = dsub.add_parser("make-imagenet-c", help="build ImageNet-C from ImageNet val with the reference corruptions")
+    mc.add_argument("--data-root", type=Path, required=True)
+    mc.add_argument("--workers", type=int, default=None)
+    mc.add_argument("--corruption", action="append", default=[])
+    mc.add_argument("--severity", action="append", type=int, default=[])
+    return p
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("prosmin_bench")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from . import config, leaderboard
+    from .runner import RunOptions, evaluate, suite_models, suite_tasks
+
+    suite = a.suite or (None if (a.model or a.task) else "mini")
+    models = list(a.model) or (suite_models(suite) if suite else [])
+    tasks = list(a.task) or (suite_tasks(suite) if suite else [])
+    if not models:
+        raise ProsminBenchError("No model given: pass --model NAME (see `prosmin-bench list models`) or --suite")
+    if not tasks:
+        raise ProsminBenchError("No task given: pass --task NAME (see `prosmin-bench list tasks`) or --suite")
+    seeds = a.seeds or ((0, 1, 2) if suite == "mini" else (0,))
+    workers = a.num_workers if a.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1)) if a.data_root else 0
+    opts = RunOptions(
+        seeds=seeds, device=a.device, results_dir=a.results or config.default_results_dir(),
+        data_root=config.data_root(a.data_root), weights=a.weights, weights_dir=a.weights_dir,
+        overwrite=a.overwrite, precision=a.precision, batch_size=a.batch_size, num_workers=workers,
+        max_memory=a.max_memory if isinstance(a.max_memory, int) else _parse_memory(a.max_memory),
+        pretrain_missing=not a.no_pretrain,
+    )
+    records = evaluate(models, tasks, options=opts)
+    failed = [r for r in records if getattr(r, "record_type", "") == "error"]
+    text = leaderboard.render(opts.results_dir, suite=suite)
+    if a.leaderboard:
+        leaderboard.write(opts.results_dir, a.leaderboard, suite=suite)
+    sys.stdout.write(text)
+    if failed:
+        log.warning("%d of %d (model, task) pairs failed; see 'Failed runs' above", len(failed), len(records))
+    return 1 if failed and len(failed) == len(records) else 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    if a.what == "models":
+        from .models.zoo import catalogue
+
+        rows = [[n, s.arch, s.weights.kind, s.method, s.scale, s.description[:70]] for n, s in catalogue().items()]
+        sys.stdout.write(tabulate(rows, ["model", "arch", "weights", "method", "scale", "description"]) + "\n")
+    elif a.what == "tasks":
+        from .tasks import catalogue
+
+        rows = [[n, s.kind, s.version, s.suite, s.main_score] for n, s in catalogue().items()]
+        sys.stdout.write(tabulate(rows, ["task", "kind", "version", "suite", "main score"]) + "\n")
+    elif a.what == "datasets":
+        from .data import DATASETS
+
+        rows = [[n, s.version, s.scale, ",".join(s.splits), s.source] for n, s in DATASETS.items()]
+        sys.stdout.write(tabulate(rows, ["dataset", "version", "scale", "splits", "source"]) + "\n")
+    else:
+        from .pretrain.recipes import RECIPES
+
+        sys.stdout.write("\n".join(RECIPES.names()) + "\n")
+    return 0
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from .pretrain import pretrain
+
+    overrides = {}
+    for item in a.set:
+        if "=" not in item:
+            raise ProsminBenchError(f"Expected --set KEY=VALUE, but got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v.strip()
+    if a.data_root is not None:
+        overrides.setdefault("data_root", str(a.data_root))
+    path = pretrain(a.recipe, epochs=a.epochs, out_dir=a.out, resume=a.resume, device=a.device,
+                    overrides=overrides or None)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def cmd_leaderboard(a: argparse.Namespace) -> int:
+    from . import config, leaderboard
+
+    results = a.results or config.default_results_dir()
+    if a.out:
+        leaderboard.write(results, a.out, suite=a.suite)
+        sys.stdout.write(f"{a.out}\n")
+    else:
+        sys.stdout.write(leaderboard.render(results, suite=a.suite))
+    return 0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from . import datacli
+
+    if a.data_command == "check":
+        return datacli.check(a)
+    if a.data_command == "make-imagenet-c":
+        return datacli.make_imagenet_c(a)
+    raise ProsminBenchError("Expected `prosmin-bench data check` or `prosmin-bench data make-imagenet-c`")
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "leaderboard": cmd_leaderboard, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parser.parse_args(argv)
+    if a.command is None:  # `prosmin-bench` alone = the mini suite
+        a = parser.parse_args([*argv, "run"])
+    _setup_logging(a.debug, a.quiet)
+    try:
+        from . import cards
+
+        for d in a.cards:
+            cards.add_card_dir(d)
+        return COMMANDS[a.command](a)
+    except ProsminBenchError as exc:
+        if a.debug:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sys.stderr.write(f"prosmin-bench: error: {msg}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("prosmin-bench: interrupted; finished results are saved, run again to resume\n")
+        return 130

@@ -1,0 +1,52 @@
+"""Datasets: the registry, the mini data that ships with packages, and the generic sources.
+
+A task card names its datasets either as ``"name:split"`` (a registered dataset) or as a table describing a
+generic source, resolved relative to ``--data-root``::
+
+    train = { source = "imagefolder", root = "flowers102/train" }
+    train = { source = "hf", path = "cifar10", split = "train", image_column = "img", label_column = "label" }
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from . import bundled, imagenet  # noqa: F401  (register datasets)
+from .base import DATASETS, ArrayImageDataset, DatasetSpec, FileImageDataset, ImageDataset, load_dataset_ref, parse_ref
+from .folder import list_image_folder
+
+__all__ = [
+    "DATASETS", "DatasetSpec", "ImageDataset", "ArrayImageDataset", "FileImageDataset", "resolve_dataset",
+    "dataset_key", "list_image_folder",
+]
+
+
+def resolve_dataset(ref: str | Mapping[str, Any], data_root: Path | None = None) -> ImageDataset:
+    """Load a dataset named by a card: ``"name:split"`` or a generic-source table."""
+    if isinstance(ref, str):
+        return load_dataset_ref(ref, data_root)
+    source = ref.get("source")
+    if source == "imagefolder":
+        root = Path(str(ref.get("root", "")))
+        if not root.is_absolute():
+            if data_root is None:
+                raise DataError(f"Image folder {str(root)!r} is relative: pass --data-root DIR that holds it")
+            root = Path(data_root) / root
+        return list_image_folder(root, name=f"imagefolder {root}")
+    if source == "hf":
+        from .hf import load_hf
+
+        return load_hf(str(ref["path"]), str(ref.get("split", "train")), str(ref.get("image_column", "image")),
+                       str(ref.get("label_column", "label")), data_root)
+    raise DataError(f"Expected a dataset source 'imagefolder' or 'hf', but got {source!r} in {dict(ref)}")
+
+
+def dataset_key(ref: str | Mapping[str, Any]) -> str:
+    """A short human-readable identity for logs and cache metadata."""
+    if isinstance(ref, str):
+        name, split = parse_ref(ref)
+        return f"{name}@{DATASETS.get(name).version}:{split}"
+    return ",".join(f"{k}={v}" for k, v in sorted(ref.items()))

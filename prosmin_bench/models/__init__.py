@@ -1,0 +1,78 @@
+"""Models: specs (metadata), architectures, checkpoint converters, weights resolution, the Backbone face."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ProsminBenchError
+from .architectures import ARCHITECTURES, build_architecture
+from .backbone import Backbone
+from .converters import PRETRAIN_FORMAT
+from .spec import MINI_PREPROCESS, ModelSpec, Preprocess, WeightsSource
+from .weights import load_weights, resolve_weights_path, sha256_state_dict
+from .zoo import catalogue, get_model_spec, list_model_names
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ARCHITECTURES", "Backbone", "ModelSpec", "Preprocess", "WeightsSource", "MINI_PREPROCESS", "build_architecture",
+    "catalogue", "get_model", "get_model_spec", "list_model_names", "resolve_device",
+]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else MPS, else CPU; anything else is passed to ``torch.device``."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ProsminBenchError(f"Expected --device auto, cpu, cuda[:N] or mps, but got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProsminBenchError(f"--device {device} was asked for, but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def get_model(
+    name: str | ModelSpec, *, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+    weights_dir: str | os.PathLike | None = None,
+) -> Backbone:
+    """Build a registered model with its weights, strictly loaded, in eval mode on ``device``.
+
+    Args:
+        name: a registered model name (``prosmin_micro``, ``dino_vits16``, ``timm:<name>``) or a ModelSpec.
+        weights: a checkpoint path in any supported format (overrides the model's own weights source).
+        device: "cpu", "cuda", "auto", ...
+        weights_dir: a folder searched first for the card's weights file.
+
+    Returns:
+        Backbone whose ``forward(images [N, 3, H, W])`` returns features [N, D].
+    """
+    spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
+    path = resolve_weights_path(spec, weights, weights_dir)
+    predictive = None
+    if path is None:  # random init, fixed by the spec's seed so "random_micro" is one model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.weights.seed)
+            net = build_architecture(spec.arch, **spec.arch_kwargs)
+        digest = sha256_state_dict(net.state_dict())
+    else:
+        net = build_architecture(spec.arch, **spec.arch_kwargs)
+        digest, fmt, ckpt = load_weights(net, spec, path, verify_sha=weights is None)
+        if fmt == "prosmin_bench":
+            from ..pretrain.export import build_predictive
+
+            predictive = build_predictive(ckpt)
+        del ckpt
+    model = Backbone(spec, net, digest, predictive=predictive, weights_path=str(path) if path else None)
+    return model.to(resolve_device(device))

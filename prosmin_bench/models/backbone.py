@@ -1,0 +1,116 @@
+"""Backbone: the one face every model shows to tasks (timm's forward_features/forward_head idea).
+
+``forward(images [N, 3, H, W]) -> features [N, D]`` in the spec's feature layer; ``features(images, layer)`` for
+another layer; ``embed_dim``; ``transform`` (eval preprocessing for PIL images); ``spec``; ``weights_sha256``.
+Tasks never look inside a model.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+from ..errors import ProsminBenchError
+from .spec import ModelSpec
+
+_LASTN = re.compile(r"^cls_last(\d+)$")
+
+
+def parse_layer(layer: str) -> tuple[str, int]:
+    """``"cls"`` -> ("cls", 1); ``"cls_last4"`` -> ("cls", 4); ``"avgpool"`` -> ("avgpool", 1)."""
+    if layer in ("cls", "avgpool"):
+        return layer, 1
+    m = _LASTN.match(layer)
+    if m and int(m.group(1)) >= 1:
+        return "cls", int(m.group(1))
+    raise ProsminBenchError(
+        f"Expected feature layer 'cls', 'avgpool' or 'cls_lastN' (N >= 1, e.g. 'cls_last4'), but got {layer!r}"
+    )
+
+
+class Backbone(nn.Module):
+    """A frozen backbone in eval mode.
+
+    Args:
+        spec: the model's ModelSpec.
+        net: the architecture (a timm ``VisionTransformer`` or any timm model with ``forward_features``).
+        weights_sha256: sha256 of the loaded file, or of the state dict for in-memory weights.
+        predictive: optional module mapping images [N, 3, H, W] to ``(mu [N, K], sigma [N, K])``: ProSMin's
+            online network (online backbone -> projection head -> probabilistic predictor), kept in the
+            checkpoint by the pretraining module.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, net: nn.Module, weights_sha256: str, predictive: nn.Module | None = None,
+        weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.net = net
+        self.weights_sha256 = weights_sha256
+        self.weights_path = weights_path
+        self.predictive_head = predictive
+        self.transform = spec.preprocess.build()
+        self.is_vit = all(hasattr(net, a) for a in ("blocks", "norm", "patch_embed", "cls_token"))
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the default feature layer."""
+        return self.layer_dim(self.spec.feature_layer)
+
+    def layer_dim(self, layer: str) -> int:
+        kind, n = parse_layer(layer)
+        return int(getattr(self.net, "num_features", getattr(self.net, "embed_dim", 0))) * n
+
+    @property
+    def has_predictive(self) -> bool:
+        return self.predictive_head is not None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, 3, H, W] -> features [N, D] in the spec's feature layer."""
+        return self.features(images, self.spec.feature_layer)
+
+    def features(self, images: torch.Tensor, layer: str = "cls") -> torch.Tensor:
+        """images [N, 3, H, W] -> features [N, D * n] for ``cls``, ``avgpool`` or ``cls_lastN``."""
+        kind, n = parse_layer(layer)
+        if not self.is_vit:
+            if layer != "cls":
+                raise ProsminBenchError(f"Feature layer {layer!r} needs a ViT; {self.spec.name!r} supports 'cls' only")
+            return self.net(images)
+        if n == 1:
+            tokens = self.net.forward_features(images)  # [N, T, D], final norm applied
+            if kind == "cls":
+                return tokens[:, 0]
+            return tokens[:, getattr(self.net, "num_prefix_tokens", 1) :].mean(dim=1)
+        return torch.cat(self._last_blocks_cls(images, n), dim=-1)
+
+    def _last_blocks_cls(self, images: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """Final-norm CLS token of each of the last ``n`` blocks (DINO eval_linear ``n_last_blocks``): [N, D] each."""
+        net = self.net
+        depth = len(net.blocks)
+        if n > depth:
+            raise ProsminBenchError(f"Expected n_last_blocks <= depth {depth}, but got {n}")
+        x = net.patch_embed(images)
+        x = net._pos_embed(x)
+        x = net.patch_drop(x) if hasattr(net, "patch_drop") else x
+        x = net.norm_pre(x) if hasattr(net, "norm_pre") else x
+        outs = []
+        for i, blk in enumerate(net.blocks):
+            x = blk(x)
+            if i >= depth - n:
+                outs.append(net.norm(x)[:, 0])
+        return outs
+
+    def predictive(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [N, 3, H, W] -> (mu [N, K], sigma [N, K]) of the online predictive distribution."""
+        if self.predictive_head is None:
+            raise ProsminBenchError(
+                f"Model {self.spec.name!r} has no predictive head: only checkpoints written by the pretraining "
+                "module for a probabilistic method (ProSMin) carry one"
+            )
+        return self.predictive_head(images)

@@ -1,0 +1,143 @@
+"""Named models: the built-in micro models (registered here) and the ``baselines/*.toml`` model cards.
+
+Architecture and weights have separate names: ``vit_micro`` is an architecture; ``prosmin_micro`` is that
+architecture with the weights of the ``prosmin_micro`` pretraining recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from .. import cards
+from ..errors import CardError
+from ..registry import Registry
+from .spec import MINI_PREPROCESS, ModelSpec, Preprocess, WeightsSource
+
+log = logging.getLogger(__name__)
+
+#: Models defined in code (the micro models). Card models join them in ``catalogue()``.
+BUILTIN_MODELS: Registry[ModelSpec] = Registry("model", "prosmin-bench list models")
+
+
+def register_model_spec(spec: ModelSpec) -> ModelSpec:
+    return BUILTIN_MODELS.add(spec.name, spec, origin=__name__)
+
+
+# Mini-scale models: the micro ViT, untrained or pretrained by the suite's own recipes on the digits train split.
+register_model_spec(ModelSpec(
+    name="random_micro", arch="vit_micro", weights=WeightsSource(random=True, seed=0), preprocess=MINI_PREPROCESS,
+    scale="mini", method="random",
+    description="vit_micro with timm's default random init (seed 0): the untrained floor every method must beat",
+))
+for _method, _label in (("prosmin", "ProSMin"), ("dino", "DINO"), ("ibot", "iBOT"), ("mocov3", "MoCo-v3")):
+    register_model_spec(ModelSpec(
+        name=f"{_method}_micro", arch="vit_micro", weights=WeightsSource(recipe=f"{_method}_micro"),
+        preprocess=MINI_PREPROCESS, scale="mini", method=_method, pretrained_on=("digits:train",),
+        description=f"vit_micro pretrained with {_label} on the digits train split by `prosmin-bench pretrain "
+        f"--recipe {_method}_micro` (target/teacher backbone)",
+    ))
+
+_MODEL_FIELDS = {
+    "name", "arch", "arch_kwargs", "weights", "converter", "feature_layer", "preprocess", "scale", "method",
+    "pretrained_on", "paper", "licence", "description", "reported",
+}
+_WEIGHTS_FIELDS = {"url", "filename", "sha256", "format", "recipe", "random", "seed"}
+_PREPROCESS_FIELDS = {"resize", "crop", "interpolation", "mean", "std"}
+
+
+def spec_from_card(card: cards.Card) -> ModelSpec:
+    """Parse a model card; every error names the file and the field."""
+    cards.check_known_fields(card, _MODEL_FIELDS)
+    f = lambda key, typ, default=cards._MISSING: cards.field(card, key, typ, default)  # noqa: E731
+    weights = f("weights", dict, {})
+    unknown = sorted(set(weights) - _WEIGHTS_FIELDS)
+    if unknown:
+        raise CardError(f"Card {str(card.path)!r}: unknown field(s) {unknown} in [weights]; allowed {sorted(_WEIGHTS_FIELDS)}")
+    src = WeightsSource(
+        url=f("weights.url", str, None), filename=f("weights.filename", str, None), sha256=f("weights.sha256", str, None),
+        format=f("weights.format", str, None), recipe=f("weights.recipe", str, None),
+        random=f("weights.random", bool, False), seed=f("weights.seed", int, 0),
+    )
+    if sum([bool(src.url), bool(src.recipe), src.random]) != 1:
+        raise CardError(
+            f"Card {str(card.path)!r}: field 'weights' must set exactly one of url, recipe or random = true"
+        )
+    if src.sha256 is not None and (len(src.sha256) != 64 or any(c not in "0123456789abcdef" for c in src.sha256)):
+        raise CardError(f"Card {str(card.path)!r}: field 'weights.sha256' must be 64 lowercase hex digits")
+    pre = f("preprocess", dict, {})
+    unknown = sorted(set(pre) - _PREPROCESS_FIELDS)
+    if unknown:
+        raise CardError(f"Card {str(card.path)!r}: unknown field(s) {unknown} in [preprocess]")
+    default = Preprocess()
+    preprocess = Preprocess(
+        resize=f("preprocess.resize", int, default.resize), crop=f("preprocess.crop", int, default.crop),
+        interpolation=f("preprocess.interpolation", str, default.interpolation),
+        mean=tuple(f("preprocess.mean", list, list(default.mean))), std=tuple(f("preprocess.std", list, list(default.std))),
+    )
+    scale = f("scale", str, "imagenet")
+    if scale not in ("mini", "imagenet"):
+        raise CardError(f"Card {str(card.path)!r}: field 'scale' must be 'mini' or 'imagenet', but got {scale!r}")
+    from .converters import CONVERTERS
+
+    converter = f("converter", str, src.format or "auto")
+    if converter != "auto" and converter not in CONVERTERS:
+        raise CardError(
+            f"Card {str(card.path)!r}: field 'converter' names unknown format {converter!r}; known: {CONVERTERS.names()}"
+        )
+    return ModelSpec(
+        name=f("name", str), arch=f("arch", str), arch_kwargs=dict(f("arch_kwargs", dict, {})), weights=src,
+        converter=converter, feature_layer=f("feature_layer", str, "cls"), preprocess=preprocess, scale=scale,
+        method=f("method", str, ""), pretrained_on=tuple(f("pretrained_on", list, [])), paper=f("paper", str, ""),
+        licence=f("licence", str, ""), description=f("description", str, ""), reported=dict(f("reported", dict, {})),
+        card=str(card.path),
+    )
+
+
+_lock = threading.Lock()
+_catalogue: Registry[ModelSpec] | None = None
+
+
+@cards.on_change
+def _reset() -> None:
+    global _catalogue
+    _catalogue = None
+
+
+def catalogue() -> Registry[ModelSpec]:
+    """Every named model: built-ins, shipped cards and user cards (user cards may not shadow other names)."""
+    global _catalogue
+    with _lock:
+        if _catalogue is None:
+            reg: Registry[ModelSpec] = Registry("model", "prosmin-bench list models")
+            for name, spec in BUILTIN_MODELS.items():
+                reg.add(name, spec, origin="built-in")
+            for card in cards.iter_cards("baselines"):
+                spec = spec_from_card(card)
+                reg.add(spec.name, spec, origin=str(card.path))
+            _catalogue = reg
+        return _catalogue
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec for a registered name, or an ad-hoc spec for ``timm:<name>`` (random init unless weights given)."""
+    if name.startswith("timm:"):
+        import timm
+
+        arch = name[len("timm:") :]
+        if not timm.list_models(arch):
+            from ..errors import UnknownNameError
+
+            raise UnknownNameError(f"Unknown timm model {arch!r} (see timm.list_models())")
+        return ModelSpec(name=name, arch=name, weights=WeightsSource(random=True), method="random", scale="imagenet",
+                         description=f"timm {arch}, random init unless --weights is given")
+    return catalogue().get(name)
+
+
+def list_model_names() -> list[str]:
+    return catalogue().names()
+
+
+def describe(spec: ModelSpec) -> dict[str, Any]:
+    return {"name": spec.name, "arch": spec.arch, "weights": spec.weights.kind, "method": spec.method, "scale": spec.scale}

@@ -1,0 +1,237 @@
+"""evaluate(): resolve -> features -> task -> record -> write, for every (model, task), only what is missing.
+
+Each (model, task) is independent: a failure writes an ErrorRecord and the suite goes on. A record is rewritten
+only when it is missing, is an error, is for another task version or other weights, lacks a requested seed, or
+``overwrite`` is set. Records are written atomically under a per-record file lock, so two runs sharing a results
+folder neither corrupt nor duplicate work, and a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import config
+from .data import dataset_key, resolve_dataset
+from .errors import ProsminBenchError
+from .features import extract
+from .models import ModelSpec, get_model, get_model_spec, resolve_device
+from .results import (
+    ErrorRecord, Record, ResultRecord, check_writable, git_commit, read_record, record_path, utc_now, versions,
+    write_record, CorruptRecord,
+)
+from .tasks import TaskContext, TaskSpec, build_task, get_task_spec
+from .tasks.base import catalogue as task_catalogue
+
+log = logging.getLogger(__name__)
+
+SUITES = ("mini", "imagenet")
+
+
+@dataclass
+class RunOptions:
+    """Everything a run needs besides the models and tasks. Defaults: the embedded mini suite on this machine."""
+
+    seeds: tuple[int, ...] = (0,)
+    device: str = "auto"
+    results_dir: Path = field(default_factory=config.default_results_dir)
+    data_root: Path | None = None
+    weights: str | None = None  # one checkpoint path, for a single model
+    weights_dir: str | None = None
+    overwrite: bool = False
+    precision: str = "fp32"  # extraction autocast: fp32 | bf16 | fp16
+    feature_dtype: str = "float32"  # stored feature dtype
+    batch_size: int = 256
+    num_workers: int = 0
+    max_memory: int = 1 << 30  # bytes of working memory for k-NN similarity blocks
+    pretrain_missing: bool = True  # train mini-scale recipe models whose checkpoint is missing
+
+
+def suite_models(suite: str) -> list[str]:
+    from .models.zoo import catalogue
+
+    return [n for n, s in catalogue().items() if s.scale == suite]
+
+
+def suite_tasks(suite: str) -> list[str]:
+    return [n for n, s in task_catalogue().items() if s.suite == suite]
+
+
+def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str) -> ResultRecord | None:
+    if not path.is_file():
+        return None
+    try:
+        rec = read_record(path)
+    except CorruptRecord as exc:
+        log.warning("ignoring unreadable result file %s (%s); it will be recomputed", path, exc)
+        return None
+    if not isinstance(rec, ResultRecord):
+        return None
+    if rec.task_version != spec.version or rec.weights_sha256 != sha:
+        return None
+    if not set(seeds) <= set(rec.seeds):
+        return None
+    return rec
+
+
+class _FeatureSource:
+    """Per-model feature access for tasks: datasets resolved once, features from the content-keyed cache."""
+
+    def __init__(self, model: Any, opts: RunOptions, device: torch.device) -> None:
+        self.model = model
+        self.opts = opts
+        self.device = device
+        self._datasets: dict[str, Any] = {}
+        self._features: dict[tuple[str, str], Any] = {}
+        self.images_per_second: list[float] = []
+
+    def dataset(self, ref: Any) -> Any:
+        key = dataset_key(ref)
+        if key not in self._datasets:
+            self._datasets[key] = resolve_dataset(ref, self.opts.data_root)
+        return self._datasets[key]
+
+    def features(self, ref: Any, layer: str, **kwargs: Any) -> Any:
+        key = (dataset_key(ref), layer)
+        if key not in self._features:
+            fs = extract(
+                self.model, self.dataset(ref), dataset_id=key[0], layer=layer, batch_size=self.opts.batch_size,
+                device=self.device, precision=self.opts.precision, dtype=self.opts.feature_dtype,
+                num_workers=self.opts.num_workers,
+            )
+            if fs.computed:
+                self.images_per_second.append(float(fs.meta.get("images_per_second", 0.0)))
+            self._features[key] = fs
+        return self._features[key]
+
+
+def _ensure_weights(spec: ModelSpec, opts: RunOptions) -> None:
+    """Pretrain a mini-scale recipe model whose checkpoint is missing (the default suite makes its own models)."""
+    if not (opts.pretrain_missing and spec.weights.recipe and spec.scale == "mini" and opts.weights is None):
+        return
+    from .models.weights import recipe_checkpoint_path
+
+    if opts.weights_dir and (Path(opts.weights_dir) / spec.name / "checkpoint.pt").is_file():
+        return
+    if recipe_checkpoint_path(spec.weights.recipe).is_file():
+        return
+    from .pretrain import pretrain
+
+    log.info("pretraining %s (recipe %s): no checkpoint yet", spec.name, spec.weights.recipe)
+    pretrain(spec.weights.recipe, device=opts.device)
+
+
+def _error_record(model: str, spec: TaskSpec, exc: BaseException) -> ErrorRecord:
+    user = isinstance(exc, ProsminBenchError)
+    return ErrorRecord(
+        model=model, task=spec.name, task_version=spec.version, error_type=type(exc).__name__,
+        message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        traceback="" if user else "".join(traceback.format_exception(exc))[-4000:],
+        versions=versions(), git_commit=git_commit(), timestamp_utc=utc_now(),
+    )
+
+
+def _run_one(model: Any, spec: TaskSpec, opts: RunOptions, device: torch.device, source: _FeatureSource) -> ResultRecord:
+    task = build_task(spec)
+    per_seed: dict[str, dict[str, float]] = {}
+    extras: dict[str, Any] = {}
+    start = time.perf_counter()
+    for seed in opts.seeds:
+        torch.manual_seed(seed)
+        ctx = TaskContext(model=model, seed=seed, device=device, data_root=opts.data_root,
+                          feature_fn=source.features, dataset_fn=source.dataset, options=opts)
+        out = task.run(ctx)
+        per_seed[str(seed)] = {k: float(v) for k, v in out.metrics.items()}
+        if not extras:
+            extras = out.extras
+    wall = time.perf_counter() - start
+    ips = source.images_per_second
+    mspec = model.spec
+    return ResultRecord(
+        model=mspec.name, task=spec.name, task_version=spec.version, task_kind=spec.kind, suite=spec.suite,
+        main_score=spec.main_score, weights_sha256=model.weights_sha256, seeds=list(opts.seeds), per_seed=per_seed,
+        protocol=dict(vars(task.params)) if hasattr(task.params, "__dict__") else {}, datasets=spec.datasets,
+        extras=extras,
+        model_info={"method": mspec.method, "arch": mspec.arch, "weights": mspec.weights.kind,
+                    "recipe": mspec.weights.recipe, "pretrained_on": list(mspec.pretrained_on),
+                    "weights_path": model.weights_path},
+        versions=versions(), git_commit=git_commit(), device=str(device), wall_time_s=wall,
+        images_per_second=(sum(ips) / len(ips)) if ips else None, timestamp_utc=utc_now(),
+    )
+
+
+def evaluate(
+    models: str | Iterable[str | ModelSpec], tasks: str | Iterable[str], *, seeds: Sequence[int] = (0,),
+    device: str = "auto", results_dir: str | Path | None = None, overwrite: bool = False,
+    options: RunOptions | None = None,
+) -> list[Record]:
+    """Evaluate every model on every task; returns the records (new or reused), one per (model, task).
+
+    Args:
+        models: model names (``prosmin_micro``, ``dino_vits16``, ``timm:<name>``) or ModelSpecs.
+        tasks: task names (``digits_knn``, ``imagenet_c``, ...).
+        seeds: seeds of the stochastic parts (probe init and batches, subsets); mean and std over them.
+        device: "auto" (CUDA when present), "cpu", "cuda", ...
+        results_dir: where ``<model>/<task>.json`` records live (default ``leaderboards/results``).
+        overwrite: recompute records that already exist.
+    """
+    opts = options or RunOptions()
+    opts.seeds = tuple(int(s) for s in seeds) if options is None else opts.seeds
+    if options is None:
+        opts.device, opts.overwrite = device, overwrite
+        if results_dir is not None:
+            opts.results_dir = Path(results_dir)
+    elif results_dir is not None:
+        opts.results_dir = Path(results_dir)
+    model_list = [models] if isinstance(models, (str, ModelSpec)) else list(models)
+    task_list = [tasks] if isinstance(tasks, str) else list(tasks)
+    # Resolve every name before any work, so a typo fails fast with close matches.
+    mspecs = [m if isinstance(m, ModelSpec) else get_model_spec(m) for m in model_list]
+    tspecs = [get_task_spec(t) for t in task_list]
+    if opts.weights is not None and len(mspecs) != 1:
+        raise ProsminBenchError(f"--weights applies to one model, but {len(mspecs)} were given; use --weights-dir")
+    check_writable(opts.results_dir)
+    dev = resolve_device(opts.device)
+    from filelock import FileLock
+
+    records: list[Record] = []
+    for mspec in mspecs:
+        try:
+            _ensure_weights(mspec, opts)
+            model = get_model(mspec, weights=opts.weights, device=dev, weights_dir=opts.weights_dir)
+        except (ProsminBenchError, OSError) as exc:
+            log.error("%s: %s", mspec.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            for tspec in tspecs:
+                rec = _error_record(mspec.name, tspec, exc)
+                write_record(rec, opts.results_dir)
+                records.append(rec)
+            continue
+        source = _FeatureSource(model, opts, dev)
+        for tspec in tspecs:
+            path = record_path(opts.results_dir, mspec.name, tspec.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"):
+                done = None if opts.overwrite else _existing_ok(path, tspec, opts.seeds, model.weights_sha256)
+                if done is not None:
+                    log.info("%s / %s: up to date (%s = %.4f)", mspec.name, tspec.name, done.main_score, done.main_value)
+                    records.append(done)
+                    continue
+                log.info("%s / %s: running (seeds %s)", mspec.name, tspec.name, list(opts.seeds))
+                try:
+                    rec: Record = _run_one(model, tspec, opts, dev, source)
+                    log.info("%s / %s: %s = %.4f", mspec.name, tspec.name, rec.main_score, rec.main_value)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # one failing (model, task) must not stop the suite
+                    rec = _error_record(mspec.name, tspec, exc)
+                    log.error("%s / %s failed: %s", mspec.name, tspec.name, rec.message)
+                write_record(rec, opts.results_dir)
+                records.append(rec)
+    return records
