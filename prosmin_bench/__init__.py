@@ -11,6 +11,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import evaluate, get_model, get_task, list_models, list_tasks, load_results
-
 __all__ = ["evaluate", "get_model", "get_task", "list_models", "list_tasks", "load_results", "__version__"]
+
+
+def __getattr__(name: str):
+    """Load the API lazily, so ``from prosmin_bench.metrics import ...`` stays light (numpy, scipy only)."""
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'prosmin_bench' has no attribute {name!r}")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import ProsminBenchError
+from .metrics import MetricArgumentError
 
 log = logging.getLogger("prosmin_bench")
 
@@ -223,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         for d in a.cards:
             cards.add_card_dir(d)
         return COMMANDS[a.command](a)
-    except ProsminBenchError as exc:
+    except (ProsminBenchError, MetricArgumentError) as exc:
         if a.debug:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         sys.stderr.write(f"prosmin-bench: error: {msg}\n")
-        return exc.exit_code
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         sys.stderr.write("prosmin-bench: interrupted; finished results are saved, run again to resume\n")
         return 130

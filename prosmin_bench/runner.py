@@ -20,7 +20,7 @@ import torch
 
 from . import config
 from .data import dataset_key, resolve_dataset
-from .errors import ProsminBenchError
+from .errors import DataError, ProsminBenchError, WeightsError
 from .features import extract
 from .models import ModelSpec, get_model, get_model_spec, resolve_device
 from .results import (
@@ -197,6 +197,14 @@ def evaluate(
     tspecs = [get_task_spec(t) for t in task_list]
     if opts.weights is not None and len(mspecs) != 1:
         raise ProsminBenchError(f"--weights applies to one model, but {len(mspecs)} were given; use --weights-dir")
+    # Inputs named on the command line are checked before any work, so a typo costs nothing.
+    if opts.weights is not None and not Path(opts.weights).expanduser().is_file():
+        raise WeightsError(f"Weights file {str(opts.weights)!r} does not exist; check the --weights path")
+    if opts.weights_dir is not None and not Path(opts.weights_dir).expanduser().is_dir():
+        raise WeightsError(f"--weights-dir {str(opts.weights_dir)!r} is not a folder; check the path")
+    if opts.data_root is not None and not Path(opts.data_root).expanduser().is_dir():
+        raise DataError(f"Data root {str(opts.data_root)!r} does not exist; pass the folder that holds imagenet/, "
+                        "imagenet-o/, imagenet-c/ (see `prosmin-bench data check --data-root DIR`)")
     check_writable(opts.results_dir)
     dev = resolve_device(opts.device)
     from filelock import FileLock

@@ -7,11 +7,12 @@ pretraining output ``<home>/checkpoints/<recipe>/checkpoint.pt``. Nothing falls 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
 import pickle
-import zipfile
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch.nn as nn
 
 from .. import config
 from ..errors import WeightsError
-from .converters import StateDict, convert
+from .converters import StateDict, checkpoint_family, convert
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,24 @@ def recipe_checkpoint_path(recipe: str) -> Path:
     return config.checkpoints_dir() / recipe / "checkpoint.pt"
 
 
+#: Set to 1 to forbid downloads (``HF_HUB_OFFLINE=1``, which the suite's offline runs already set, counts too).
+OFFLINE_ENV = "PROSMIN_BENCH_OFFLINE"
+#: Seconds to wait for the weights server to answer before calling the network unavailable (a blocked network
+#: must fail fast with instructions, not hang).
+PROBE_TIMEOUT_S = 15.0
+
+
 def resolve_weights_path(
     spec: ModelSpec, weights: str | os.PathLike | None = None, weights_dir: str | os.PathLike | None = None,
     download: bool = True,
 ) -> Path | None:
-    """Find the weights file for ``spec``; ``None`` for random-init models. Raises WeightsError with the places
-    searched and what to do when nothing is found."""
+    """Find the weights file for ``spec``; ``None`` for random-init models.
+
+    Order for a card with a URL: ``weights`` (an explicit path), ``weights_dir/<filename>``, the cache
+    ``<home>/weights/<filename>``, then a download of the URL into the cache (``torch.hub``, with a progress bar)
+    when ``download`` is true and the network allows; a pinned sha256 is checked before the download is kept.
+    Raises WeightsError naming the places searched, the URL and where to put the file when nothing is found.
+    """
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -81,68 +94,135 @@ def resolve_weights_path(
             f"{', '.join(map(str, looked))}. Make it with `prosmin-bench pretrain --recipe {src.recipe}` "
             f"(or pass --weights PATH)"
         )
-    filename = src.filename or (Path(src.url).name if src.url else None)
-    if filename is None:
-        raise WeightsError(f"Model {spec.name!r} names no weights; pass --weights PATH")
+    filename = src.filename or (_url_filename(src.url) if src.url else None)
+    if not filename:
+        raise WeightsError(f"Model {spec.name!r} names no weights file; pass --weights PATH")
     candidates = []
     if weights_dir is not None:
-        candidates.append(Path(weights_dir) / filename)
+        candidates.append(Path(weights_dir).expanduser() / filename)
     cached = config.weights_cache_dir() / filename
     candidates.append(cached)
     for p in candidates:
         if p.is_file():
+            log.info("weights for %s: %s", spec.name, p)
             return p
-    if src.url and download:
-        try:
-            _download(src.url, cached)
-            return cached
-        except Exception as exc:  # no network, HTTP error: say exactly what to fetch and where to put it
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-            raise WeightsError(
-                f"Weights for {spec.name!r} not found (looked in {', '.join(map(str, candidates))}) and the "
-                f"download failed ({reason}). Fetch {src.url} and put it at {candidates[0]}"
-            ) from None
-    raise WeightsError(
-        f"Weights for {spec.name!r} not found (looked in {', '.join(map(str, candidates))}). "
-        f"Fetch {src.url} and put it at {candidates[0]}"
+    looked_in = ", ".join(map(str, candidates))
+    if not src.url:
+        raise WeightsError(f"Weights for {spec.name!r} not found (looked in {looked_in}); pass --weights PATH")
+    fetch = f"Fetch {src.url} and put it at {candidates[0]}" + (
+        "" if weights_dir is not None else " (or in a folder passed as --weights-dir)"
     )
+    if not download:
+        raise WeightsError(f"Weights for {spec.name!r} not found (looked in {looked_in}). {fetch}")
+    offline = _offline_reason()
+    if offline:
+        raise WeightsError(f"Weights for {spec.name!r} not found (looked in {looked_in}) and {offline}. {fetch}")
+    try:
+        download_weights(src.url, cached, sha256=src.sha256)
+    except WeightsError:
+        raise
+    except Exception as exc:  # no network, DNS failure, HTTP error, disk full: say what to fetch and where
+        raise WeightsError(
+            f"Weights for {spec.name!r} not found (looked in {looked_in}) and the download failed "
+            f"({_short(exc)}). {fetch}"
+        ) from None
+    return cached
 
 
-def _download(url: str, dest: Path) -> None:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("PROSMIN_BENCH_OFFLINE") == "1":
-        raise ConnectionError("offline mode (HF_HUB_OFFLINE=1 or PROSMIN_BENCH_OFFLINE=1)")
+def _url_filename(url: str) -> str:
+    from urllib.parse import urlparse
+
+    return Path(urlparse(url).path).name
+
+
+def _offline_reason() -> str | None:
+    for var in (OFFLINE_ENV, "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"downloads are disabled ({var}={os.environ[var]})"
+    return None
+
+
+def download_weights(url: str, dest: str | os.PathLike, *, sha256: str | None = None) -> str:
+    """Download ``url`` to ``dest`` via ``torch.hub.download_url_to_file`` (progress bar on a terminal).
+
+    The file is written to ``dest.part`` and renamed only once complete and, when ``sha256`` is given, verified,
+    so the cache never holds a partial or wrong file. Returns the file's sha256. The server is probed first with
+    a short timeout, so an unreachable network fails fast.
+    """
+    import urllib.error
+    import urllib.request
+
+    dest = Path(dest)
+    try:  # probe: a HEAD request answered with any HTTP status means the network is there
+        req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "prosmin-bench"})
+        with urllib.request.urlopen(req, timeout=PROBE_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass  # some servers refuse HEAD; the download below reports real HTTP errors
     dest.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s -> %s", url, dest)
     tmp = dest.with_name(dest.name + ".part")
-    torch.hub.download_url_to_file(url, str(tmp), progress=True)
-    os.replace(tmp, dest)
+    log.info("downloading %s -> %s", url, dest)
+    try:
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        digest = sha256_file(tmp)
+        if sha256 and digest != sha256:
+            raise WeightsError(
+                f"Downloaded {url} has sha256 {digest}, but the card pins {sha256}: the server holds a different "
+                "or damaged file; it was not kept. Check the card's URL and sha256"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("saved %s (sha256 %s)", dest, digest)
+    return digest
+
+
+#: Objects other than tensors and plain containers that official checkpoints pickle, allowed for the safe
+#: (``weights_only=True``) unpickler: DINO's and iBOT's full checkpoints store the training ``args`` Namespace.
+SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format since PyTorch 1.6
+_PICKLE_PROTO = 0x80  # legacy torch.save files start with a pickle protocol opcode
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` on CPU with clear errors for truncated files and files that are not checkpoints.
+    """``torch.load`` on CPU with the safe unpickler, with clear errors for empty, truncated and non-checkpoint
+    files (an HTML error page saved by a failed download, an image, random bytes).
 
-    Tries ``weights_only=True`` first; official full checkpoints pickle an ``argparse.Namespace`` (DINO/iBOT
-    ``args``), which needs the full unpickler: that retry is logged.
+    Only tensors, plain containers and ``SAFE_GLOBALS`` are unpickled (``weights_only=True``): a checkpoint file
+    cannot run code. A file that stores other Python objects is an error that names the object.
     """
     path = Path(path)
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise WeightsError(f"Weights file {str(path)!r} is empty; download it again")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC and head[:1] != bytes([_PICKLE_PROTO]):
+        what = "an HTML/text page (a failed download?)" if head.lstrip()[:1] in (b"<", b"{") else "not a PyTorch file"
+        raise WeightsError(
+            f"Weights file {str(path)!r} is not a PyTorch checkpoint (it starts with {head!r}: {what}); "
+            "download it again or pass another file"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
-            raise WeightsError(f"Weights file {str(path)!r} is not a PyTorch checkpoint ({_short(exc)})") from None
-        log.info("%s needs the full unpickler (it stores non-tensor objects); loading it with weights_only=False", path)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        text = str(exc)
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if m:
+            raise WeightsError(
+                f"Weights file {str(path)!r} stores a Python object ({m.group(1)}) that is not loaded for safety; "
+                "if you trust the file, re-save its state dict with plain tensors and pass that file"
+            ) from None
         raise WeightsError(
             f"Weights file {str(path)!r} is truncated or not a PyTorch checkpoint ({_short(exc)}); "
             "download it again or pass another file"
         ) from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, BadZipFile... for damaged files
         raise WeightsError(
-            f"Weights file {str(path)!r} is truncated or not a PyTorch checkpoint ({_short(exc)})"
+            f"Weights file {str(path)!r} is truncated or not a PyTorch checkpoint ({_short(exc)}); "
+            "download it again or pass another file"
         ) from None
 
 
@@ -182,18 +262,36 @@ def _fmt_keys(keys: list[str], limit: int = 8) -> str:
 
 
 def load_weights(
-    module: nn.Module, spec: ModelSpec, path: Path, *, verify_sha: bool = True, fmt: str | None = None
+    module: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, verify_sha: bool = True, fmt: str | None = None
 ) -> tuple[str, str, Any]:
-    """Load ``path`` into ``module`` strictly. Returns ``(file_sha256, format_name, checkpoint)``."""
+    """Load ``path`` into ``module`` strictly: sha256 (checked against the card's pin when ``verify_sha``),
+    format detection or the named ``fmt`` / card converter, conversion, strict load.
+
+    Returns ``(file_sha256, format_name, checkpoint)``; the sha256 is always computed, so every result records
+    exactly which file it came from. A checkpoint that evidently belongs to another method family than the
+    card's (e.g. a DINO full checkpoint given to ``mocov3_vits16``, whose 12-head build has the same shapes and
+    would load without complaint) is an error.
+    """
+    path = Path(path)
     digest = sha256_file(path)
     pinned = spec.weights.sha256
     if verify_sha and pinned and digest != pinned:
         raise WeightsError(
-            f"Weights file {str(path)!r} has sha256 {digest[:16]}..., but the card for {spec.name!r} pins "
-            f"{pinned[:16]}...: the file is corrupt or a different release; download it again"
+            f"Weights file {str(path)!r} has sha256 {digest}, but the card for {spec.name!r} pins {pinned}: "
+            "the file is damaged or a different release; delete it and download it again"
         )
     ckpt = load_checkpoint_file(path)
-    fmt = fmt or spec.converter
-    state, name = convert(ckpt, fmt)
+    state, name = convert(ckpt, fmt or spec.converter)
+    family = checkpoint_family(ckpt, name)
+    if family and spec.method in KNOWN_FAMILIES and family != spec.method:
+        raise WeightsError(
+            f"Weights file {str(path)!r} is a {family} checkpoint (format {name}), but model {spec.name!r} is "
+            f"{spec.method}; pick the model that matches the file (`prosmin-bench list models`)"
+        )
     load_state_strict(module, state, source=f"{str(path)!r} (format {name})")
+    log.info("loaded %s into %s (format %s, sha256 %s)", path, spec.name, name, digest)
     return digest, name, ckpt
+
+
+#: Method families whose checkpoints are told apart by ``checkpoint_family``.
+KNOWN_FAMILIES = frozenset({"dino", "ibot", "mocov3", "prosmin"})
