@@ -1,0 +1,59 @@
+"""Pure metric functions: classification, calibration, OOD detection, corruption robustness, collapse, uncertainty.
+
+Imports nothing from the rest of ``prosmin_bench``, so ``from prosmin_bench.metrics import
+expected_calibration_error`` works in any project. Every function accepts numpy arrays or torch tensors
+(probabilities [N, C], integer labels [N]), returns Python floats (or numpy arrays for per-sample scores), and
+raises :class:`MetricArgumentError` (a ``ValueError``) for unusable arguments.
+"""
+
+from prosmin_bench.metrics._checks import MetricArgumentError
+from prosmin_bench.metrics.calibration import expected_calibration_error, reliability_bins
+from prosmin_bench.metrics.classification import accuracy, negative_log_likelihood
+from prosmin_bench.metrics.collapse import dims_for_variance, effective_rank, per_dim_std, spectrum
+from prosmin_bench.metrics.directions import higher_is_better
+from prosmin_bench.metrics.ood import (
+    energy_confidence,
+    knn_distance_confidence,
+    max_logit_confidence,
+    msp_confidence,
+    ood_metrics,
+)
+from prosmin_bench.metrics.robustness import (
+    ALEXNET_CLEAN_ERROR,
+    ALEXNET_ERRORS,
+    CORRUPTION_GROUPS,
+    CORRUPTIONS,
+    corruption_errors,
+    mean_corruption_error,
+    relative_corruption_errors,
+    relative_mean_corruption_error,
+)
+from prosmin_bench.metrics.uncertainty import misclassification_auroc, spearman_uncertainty_error
+
+__all__ = [
+    "ALEXNET_CLEAN_ERROR",
+    "ALEXNET_ERRORS",
+    "CORRUPTIONS",
+    "CORRUPTION_GROUPS",
+    "MetricArgumentError",
+    "accuracy",
+    "corruption_errors",
+    "dims_for_variance",
+    "effective_rank",
+    "energy_confidence",
+    "expected_calibration_error",
+    "higher_is_better",
+    "knn_distance_confidence",
+    "max_logit_confidence",
+    "mean_corruption_error",
+    "misclassification_auroc",
+    "msp_confidence",
+    "negative_log_likelihood",
+    "ood_metrics",
+    "per_dim_std",
+    "relative_corruption_errors",
+    "relative_mean_corruption_error",
+    "reliability_bins",
+    "spearman_uncertainty_error",
+    "spectrum",
+]

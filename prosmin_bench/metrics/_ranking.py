@@ -1,0 +1,39 @@
+"""Private ranking arithmetic shared by the OOD and uncertainty metrics: AUROC and average precision.
+
+Both take a float score array [N] and a boolean positive mask [N] with at least one positive and one negative,
+already checked by the caller.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve, P(score_pos > score_neg) + 0.5 P(tie) (Mann-Whitney U with mid-ranks)."""
+    ranks = rankdata(scores, method="average")  # ascending, ties share their mean rank
+    n_pos = int(np.count_nonzero(positive))
+    n_neg = positive.shape[0] - n_pos
+    u = float(np.sum(ranks[positive])) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Average precision, sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds (highest first).
+
+    A sample is predicted positive at threshold t when its score is >= t, so tied scores enter together; this is
+    the step-wise (non-interpolated) definition that scikit-learn's ``average_precision_score`` uses.
+    """
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    hits = positive[order].astype(np.float64)
+    # The last index of each run of equal scores: the thresholds where precision and recall are read.
+    last_of_run = np.flatnonzero(np.diff(sorted_scores) != 0)
+    last_of_run = np.append(last_of_run, sorted_scores.shape[0] - 1)
+    true_pos = np.cumsum(hits)[last_of_run]
+    predicted_pos = last_of_run + 1.0
+    precision = true_pos / predicted_pos
+    recall = true_pos / true_pos[-1]
+    recall_step = np.diff(np.concatenate([[0.0], recall]))
+    return float(np.sum(recall_step * precision))
