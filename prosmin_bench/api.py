@@ -34,24 +34,36 @@ def list_tasks(suite: str | None = None) -> list[str]:
 def load_results(path: str | os.PathLike = "leaderboards/results") -> Any:
     """A pandas DataFrame with one row per (model, task, metric, seed) from the result files under ``path``.
 
-    Columns: model, task, task_version, suite, metric, seed, value, main_score (bool), weights_sha256.
-    Error records and unreadable files are skipped (the leaderboard lists them).
+    Columns: model, task, task_version, task_kind, suite, metric, seed, value, main_score (True on the task's
+    main metric), current (False for records of an older task version than the newest under ``path``: never
+    average those with current ones), weights_sha256. Rows are sorted by model, task, metric and seed. Error
+    records and unreadable files are skipped (the leaderboard lists them).
+
+    >>> import tempfile
+    >>> from prosmin_bench import load_results
+    >>> load_results(tempfile.mkdtemp()).columns.tolist()[:4]
+    ['model', 'task', 'task_version', 'task_kind']
     """
     import pandas as pd
 
     from .results import ResultRecord, scan
 
     records, _ = scan(Path(path))
+    results = [r for r in records if isinstance(r, ResultRecord)]
+    newest: dict[str, int] = {}
+    for r in results:
+        newest[r.task] = max(newest.get(r.task, r.task_version), r.task_version)
     rows = []
-    for r in records:
-        if not isinstance(r, ResultRecord):
-            continue
+    for r in results:
         for seed in r.seeds:
-            for metric, value in sorted(r.per_seed.get(str(seed), {}).items()):
+            for metric, value in r.per_seed.get(str(seed), {}).items():
                 rows.append({
-                    "model": r.model, "task": r.task, "task_version": r.task_version, "suite": r.suite,
-                    "metric": metric, "seed": int(seed), "value": float(value),
-                    "main_score": metric == r.main_score, "weights_sha256": r.weights_sha256,
+                    "model": r.model, "task": r.task, "task_version": int(r.task_version), "task_kind": r.task_kind,
+                    "suite": r.suite, "metric": metric, "seed": int(seed), "value": float(value),
+                    "main_score": metric == r.main_score, "current": r.task_version == newest[r.task],
+                    "weights_sha256": r.weights_sha256,
                 })
-    cols = ["model", "task", "task_version", "suite", "metric", "seed", "value", "main_score", "weights_sha256"]
-    return pd.DataFrame(rows, columns=cols)
+    cols = ["model", "task", "task_version", "task_kind", "suite", "metric", "seed", "value", "main_score", "current",
+            "weights_sha256"]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.sort_values(["model", "task", "metric", "seed"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,153 @@
+"""Dimensional collapse measured directly on frozen embeddings (issue 7).
+
+On the features of one dataset (final-norm CLS by default): the singular values of the centred embedding matrix,
+the effective rank (RankMe: exp of the entropy of the normalised singular values, Garrido et al., ICML 2023), the
+number of principal components holding 99% of the variance, and the mean per-dimension standard deviation of the
+L2-normalised embeddings (Chen & He, SimSiam, CVPR 2021, Sec. 4.1; Jing et al., ICLR 2022). For checkpoints made
+by the pretraining module for a probabilistic method (ProSMin), the same metrics on the online predictor's mean
+``mu`` (in the projection head's output space) and the mean predictive ``sigma``. All the arithmetic is in
+``prosmin_bench.metrics.collapse``.
+
+Metrics (``dims_99`` is named after ``variance_fraction``):
+
+- ``effective_rank``: RankMe of the features [N, D], in [1, min(N, D)]; ``effective_rank_frac``: divided by the
+  attainable rank min(N - 1, D) (centring removes one dimension), so 1 is isotropic and ~0 collapsed.
+- ``dims_99``: principal components for 99% of the variance.
+- ``per_dim_std``: about 1/sqrt(D) for an isotropic embedding, 0 when every sample points the same way;
+  ``per_dim_std_x_sqrt_d`` = per_dim_std * sqrt(D), comparable across widths (~1 healthy, 0 collapsed).
+- ``mu_*``: the same five on the online predictor's mean; ``sigma_mean``: the mean predicted standard deviation
+  (ProSMin's own uncertainty scale). Present only for models with a predictive head (absent, not NaN, otherwise).
+
+Extras: ``spectrum`` (the leading ``spectrum_size`` singular values normalised to sum 1 over all of them, for the
+"log singular values, one line per model" plot), ``dim`` and ``n_samples``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import CardError
+from .base import Task, TaskContext, TaskOutput, register_kind
+
+#: Rows per chunk when averaging a (possibly memory-mapped, [50000, 12000]) sigma bank without reading it whole.
+_CHUNK_ROWS = 4096
+
+_EMBEDDING_METRICS = ("effective_rank", "effective_rank_frac", "{dims}", "per_dim_std", "per_dim_std_x_sqrt_d")
+
+
+def dims_metric_name(fraction: float) -> str:
+    """``0.99 -> "dims_99"``, ``0.9 -> "dims_90"``, ``0.999 -> "dims_99.9"``."""
+    return f"dims_{round(100.0 * fraction, 6):g}"
+
+
+def embedding_collapse_metrics(features: Any, variance_fraction: float = 0.99) -> dict[str, float]:
+    """The collapse metrics of one embedding matrix [N, D] (N >= 2), keyed as in the module docstring."""
+    from ..metrics import dims_for_variance, effective_rank, per_dim_std
+
+    n, d = int(features.shape[0]), int(features.shape[1])
+    er = effective_rank(features)
+    pds = per_dim_std(features)
+    return {
+        "effective_rank": er,
+        "effective_rank_frac": er / max(min(n - 1, d), 1),
+        dims_metric_name(variance_fraction): float(dims_for_variance(features, variance_fraction)),
+        "per_dim_std": pds,
+        "per_dim_std_x_sqrt_d": pds * math.sqrt(d),
+    }
+
+
+def normalised_spectrum(features: Any, size: int) -> list[float]:
+    """The ``size`` largest singular values of the centred features, divided by the sum of all of them."""
+    from ..metrics import spectrum
+
+    s = spectrum(features)
+    total = float(s.sum())
+    s = s / total if total > 0 else s
+    return [float(v) for v in s[:size]]
+
+
+def _rows(features: Any, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """All rows as float64, or ``cap`` of them drawn without replacement (sorted, so a memmap reads forward)."""
+    n = int(features.shape[0])
+    if cap and n > cap:
+        return np.asarray(features[np.sort(rng.choice(n, cap, replace=False))], dtype=np.float64)
+    return np.asarray(features, dtype=np.float64)
+
+
+def _chunked_mean(features: Any) -> float:
+    total, count = 0.0, 0
+    for s in range(0, int(features.shape[0]), _CHUNK_ROWS):
+        block = np.asarray(features[s : s + _CHUNK_ROWS], dtype=np.float64)
+        total += float(block.sum())
+        count += block.size
+    return total / max(count, 1)
+
+
+@dataclass(frozen=True)
+class CollapseParams:
+    layer: str = "cls"  # final-norm CLS of the target backbone: the features k-NN scores (PROTOCOLS.md k-NN)
+    variance_fraction: float = 0.99  # issue 7: dimensions needed for 99% of the variance
+    spectrum_size: int = 256  # leading singular values kept in the record for the spectrum plot
+    max_samples: int = 0  # 0 = every row; else a seeded subset (SVD cost grows as N * D * min(N, D))
+    predictive: bool = True  # also measure ProSMin's online predictor (mu, sigma) when the checkpoint carries it
+    # Rows for the predictive layers, whose width K is 12000 at ImageNet scale (paper): an SVD of 4096 x 12000
+    # takes seconds, of 50000 x 12000 hours. The effective rank of mu is then bounded by min(4095, K).
+    predictive_max_samples: int = 4096
+
+
+@register_kind("collapse")
+class CollapseTask(Task):
+    """Dimensional collapse of frozen embeddings; main score ``effective_rank`` (see the module docstring)."""
+
+    roles = ("data",)
+    Params = CollapseParams
+
+    @classmethod
+    def check_params(cls, spec, params) -> None:
+        if not isinstance(params.layer, str) or not params.layer:
+            raise CardError(f"Card {spec.card!r}: protocol field 'layer' must be a feature layer name, e.g. 'cls'")
+        if not isinstance(params.variance_fraction, (int, float)) or not 0 < params.variance_fraction < 1:
+            raise CardError(
+                f"Card {spec.card!r}: protocol field 'variance_fraction' must be in (0, 1), but got "
+                f"{params.variance_fraction!r}"
+            )
+        for name, low in (("spectrum_size", 1), ("max_samples", 0), ("predictive_max_samples", 0)):
+            value = getattr(params, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise CardError(
+                    f"Card {spec.card!r}: protocol field {name!r} must be an integer >= {low}, but got {value!r}"
+                )
+        if not isinstance(params.predictive, bool):
+            raise CardError(f"Card {spec.card!r}: protocol field 'predictive' must be true or false")
+        if params.max_samples == 1 or params.predictive_max_samples == 1:
+            raise CardError(f"Card {spec.card!r}: a sample cap of 1 leaves nothing to measure; use 0 (all) or >= 2")
+
+    def _embedding_names(self) -> list[str]:
+        dims = dims_metric_name(self.params.variance_fraction)
+        return [m.format(dims=dims) for m in _EMBEDDING_METRICS]
+
+    def metric_names(self) -> list[str]:
+        names = self._embedding_names()
+        return names + [f"mu_{m}" for m in names] + ["sigma_mean"]
+
+    def run(self, ctx: TaskContext) -> TaskOutput:
+        p = self.params
+        ref = self.spec.datasets["data"]
+        fs = ctx.features(ref, p.layer)
+        x = _rows(fs.features, p.max_samples, ctx.rng(11))
+        metrics = embedding_collapse_metrics(x, p.variance_fraction)
+        extras: dict[str, Any] = {
+            "spectrum": normalised_spectrum(x, p.spectrum_size), "dim": int(x.shape[1]), "n_samples": int(x.shape[0]),
+        }
+        if p.predictive and getattr(ctx.model, "has_predictive", False):
+            mu = ctx.features(ref, "predictive_mu")
+            sigma = ctx.features(ref, "predictive_sigma")
+            m = _rows(mu.features, p.predictive_max_samples, ctx.rng(12))
+            metrics.update({f"mu_{k}": v for k, v in embedding_collapse_metrics(m, p.variance_fraction).items()})
+            metrics["sigma_mean"] = _chunked_mean(sigma.features)
+            extras["mu_dim"], extras["mu_n_samples"] = int(m.shape[1]), int(m.shape[0])
+        return TaskOutput(metrics, extras)

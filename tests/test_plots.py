@@ -1,0 +1,164 @@
+"""Plots: what is drawn equals what an independent computation gives; robust to missing extras; stable bytes."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from netcal.metrics import ECE
+
+from prosmin_bench import plots
+from prosmin_bench.metrics import CORRUPTIONS, reliability_bins
+from prosmin_bench.results import ResultRecord
+
+
+def rec(model: str, extras: dict, task: str = "digits_x", mean: dict | None = None) -> ResultRecord:
+    return ResultRecord(model=model, task=task, task_version=3, task_kind="x", suite="mini", main_score="top1",
+                        weights_sha256="0" * 64, seeds=[0], per_seed={"0": mean or {"top1": 0.5}}, extras=extras)
+
+
+def probs_labels(seed: int = 0, n: int = 400, c: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet(np.ones(c) * 0.4, size=n), rng.integers(0, c, n)
+
+
+def reliability_extras(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict:
+    b = reliability_bins(probs, labels, n_bins)
+    return {k: [float(x) for x in b[k]] for k in ("confidence", "accuracy", "count")}
+
+
+def loop_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> tuple[list[float], list[int]]:
+    """Per-bin accuracy and count by a plain loop over samples (the independent reference)."""
+    correct = [[] for _ in range(n_bins)]
+    for p, y in zip(probs, labels):
+        conf = float(p.max())
+        b = min(int(conf * n_bins - 1e-12), n_bins - 1) if conf > 0 else 0
+        correct[b].append(float(p.argmax() == y))
+    return [sum(c) / len(c) if c else float("nan") for c in correct], [len(c) for c in correct]
+
+
+def test_reliability_ece_matches_netcal() -> None:
+    probs, labels = probs_labels()
+    ours = plots.reliability_ece(reliability_extras(probs, labels))
+    assert ours == pytest.approx(ECE(bins=15).measure(probs, labels), abs=1e-9)
+
+
+def test_reliability_bars_are_the_per_bin_accuracies() -> None:
+    probs, labels = probs_labels(1)
+    records = [rec("m1", {"reliability": reliability_extras(probs, labels)})]
+    (spec,) = plots.plan(records)
+    fig = plots.figure(spec, records)
+    ax = fig.axes[0]
+    acc, counts = loop_bins(probs, labels, 15)
+    bars = ax.patches[: sum(c > 0 for c in counts)]  # accuracy bars are drawn first, one per non-empty bin
+    drawn = {round(p.get_x() * 15): p.get_height() for p in bars}
+    expected = {b: a for b, (a, n) in enumerate(zip(acc, counts)) if n > 0}
+    assert drawn.keys() == expected.keys()
+    for b in expected:
+        assert drawn[b] == pytest.approx(expected[b])
+    hist = fig.axes[1]
+    assert [round(p.get_height(), 9) for p in hist.patches] == [round(100 * n / len(labels), 9) for n in counts]
+    ece = ECE(bins=15).measure(probs, labels)
+    assert f"ECE = {100 * ece:.2f}% (seed 0)" in ax.get_title()
+    assert ax.get_ylabel() == "accuracy" and "confidence" in hist.get_xlabel()
+    assert fig.get_suptitle() == "digits_x@3: reliability diagrams"
+
+
+def test_knn_lines_follow_k_in_numeric_order() -> None:
+    records = [rec("b", {"top1_by_k": {"200": 0.5, "10": 0.8, "20": 0.9, "100": 0.7}}),
+               rec("a", {"top1_by_k": {"20": 0.6}})]
+    (spec,) = plots.plan(records)
+    assert spec.models == ("a", "b") and spec.filename == "digits_x_knn_k.png"
+    ax = plots.figure(spec, records).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["b"].get_xdata()) == [10, 20, 100, 200]
+    assert list(lines["b"].get_ydata()) == pytest.approx([80, 90, 70, 50])
+    assert ax.get_xscale() == "log" and "k" in ax.get_xlabel() and "%" in ax.get_ylabel()
+
+
+def test_ood_histograms_are_normalised_per_distribution() -> None:
+    rng = np.random.default_rng(0)
+    edges = np.linspace(0, 1, 11)
+    id_counts = np.histogram(rng.beta(5, 1, 500), edges)[0]
+    ood_counts = np.histogram(rng.beta(1, 2, 120), edges)[0]
+    h = {"id": {"edges": edges.tolist(), "counts": id_counts.tolist(), "quantiles": {"50": 0.8}},
+         "ood": {"edges": edges.tolist(), "counts": ood_counts.tolist()}}
+    records = [rec("m", {"msp_hist": h}, mean={"auroc": 0.9})]
+    records[0].datasets = {"train": "digits:train", "test": "digits:test", "ood": "digits_o:test"}
+    (spec,) = plots.plan(records)
+    ax = plots.figure(spec, records).axes[0]
+    stairs = [p for p in ax.patches if ", n = " in p.get_label()]
+    heights = {p.get_label().split(",")[0]: p.get_data().values for p in stairs}
+    assert heights["in-distribution (digits:test)"] == pytest.approx(100 * id_counts / id_counts.sum())
+    assert heights["OOD (digits_o:test)"] == pytest.approx(100 * ood_counts / ood_counts.sum())
+    assert "AUROC = 90.00%" in ax.get_title()
+
+
+def test_corruption_bars_in_canonical_order_and_severity_means() -> None:
+    rng = np.random.default_rng(0)
+    errors = {c: sorted(rng.random(5).tolist()) for c in reversed(CORRUPTIONS)}  # given in reverse order
+    records = [rec("m", {"errors": errors}, mean={"mce": 70.0, "clean_error": 0.1})]
+    specs = {s.kind: s for s in plots.plan(records)}
+    assert set(specs) == {"corruption", "severity"}
+    ax = plots.figure(specs["corruption"], records).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [c.replace("_", " ") for c in CORRUPTIONS]
+    bars = [p for p in ax.patches if p.get_height() > 0]
+    # Bars are drawn severity by severity, each over the corruptions in canonical order.
+    expected = [100 * errors[c][s] for s in range(5) for c in CORRUPTIONS]
+    assert [p.get_height() for p in bars] == pytest.approx(expected)
+    sev = plots.figure(specs["severity"], records).axes[0]
+    line = next(line for line in sev.get_lines() if line.get_label() == "m")
+    assert any(list(line.get_ydata()) == [10.0, 10.0] for line in sev.get_lines())  # the clean error
+    assert list(line.get_ydata()) == pytest.approx([100 * np.mean([errors[c][s] for c in CORRUPTIONS])
+                                                    for s in range(5)])
+
+
+def test_spectrum_is_sorted_and_normalised() -> None:
+    sv = [0.5, 4.0, 2.0, 0.0]
+    records = [rec("m", {"spectrum": sv}, mean={"effective_rank": 2.5})]
+    (spec,) = plots.plan(records)
+    ax = plots.figure(spec, records).axes[0]
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == pytest.approx([1.0, 0.5, 0.125, 1e-12])
+    assert "effective rank 2.5, seed 0" in line.get_label() and ax.get_yscale() == "log"
+
+
+def test_missing_or_malformed_extras_are_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    good = rec("good", {"reliability": {"confidence": [0.4, 0.9], "accuracy": [0.5, 1.0], "count": [2, 2]}})
+    none = rec("none", {})
+    bad = rec("bad", {"reliability": {"confidence": [0.4], "accuracy": [0.5, 1.0], "count": [2, 2]},
+                      "top1_by_k": {"ten": 0.4}, "msp_hist": {"id": {"edges": [0, 1], "counts": [0]}},
+                      "errors": {"fog": [0.1, 0.2]}, "spectrum": []})
+    with caplog.at_level(logging.WARNING, logger="prosmin_bench.plots"):
+        specs = plots.plan([good, none, bad])
+    assert [(s.kind, s.models) for s in specs] == [("reliability", ("good",))]
+    assert sum("malformed" in m for m in caplog.messages) == 6  # `errors` feeds two plots
+    assert plots.plan([none]) == [] and plots.plan([]) == []
+
+
+def png_chunks(data: bytes) -> list[bytes]:
+    chunks, i = [], 8
+    while i < len(data):
+        n = struct.unpack(">I", data[i:i + 4])[0]
+        chunks.append(data[i + 4:i + 8])
+        i += 12 + n
+    return chunks
+
+
+def test_png_bytes_are_stable_and_carry_no_software_metadata(tmp_path: Path) -> None:
+    import matplotlib as mpl
+
+    probs, labels = probs_labels(2)
+    records = [rec(m, {"reliability": reliability_extras(probs[i::2], labels[i::2])}) for i, m in enumerate("ab")]
+    (spec,) = plots.plan(records)
+    before = mpl.rcParams["font.size"], mpl.rcParams["axes.facecolor"]
+    a = plots.draw(spec, records, tmp_path / "a.png").read_bytes()
+    b = plots.draw(spec, records, tmp_path / "b.png").read_bytes()
+    assert a == b
+    assert a[:8] == b"\x89PNG\r\n\x1a\n" and b"tEXt" not in png_chunks(a)
+    assert (mpl.rcParams["font.size"], mpl.rcParams["axes.facecolor"]) == before  # the caller's style is restored
+    width, height = struct.unpack(">II", a[16:24])
+    assert 600 <= width <= 2000 and 300 <= height <= 2000
