@@ -24,7 +24,7 @@ EXAMPLES = """examples:
   prosmin-bench list models | tasks
   prosmin-bench pretrain --recipe prosmin_micro [--epochs N] [--out DIR]
   torchrun --nproc_per_node=8 -m prosmin_bench pretrain --recipe prosmin_vits16_in1k --data-root /data
-  prosmin-bench leaderboard [--results leaderboards/results] [--out leaderboards/mini.md]
+  prosmin-bench leaderboard --results leaderboards/results --out leaderboards   # mini.md, imagenet.md + figures/
   prosmin-bench data check --data-root /data
 """
 
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", type=Path, default=None, help="results folder (default leaderboards/results)")
     r.add_argument("--overwrite", action="store_true", help="recompute records that exist")
     r.add_argument("--no-pretrain", action="store_true", help="do not pretrain missing micro models")
-    r.add_argument("--leaderboard", type=Path, default=None, help="write the leaderboard markdown here too")
+    r.add_argument("--leaderboard", type=Path, default=None, metavar="FILE.md|DIR",
+                   help="also write the leaderboard: one markdown file, or suite pages + figures into DIR")
 
     ls = sub.add_parser("list", help="list models or tasks")
     ls.add_argument("what", choices=["models", "tasks", "recipes", "datasets"])
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lb = sub.add_parser("leaderboard", help="render the leaderboard markdown from result files")
     lb.add_argument("--results", type=Path, default=None)
-    lb.add_argument("--out", type=Path, default=None)
+    lb.add_argument("--out", type=Path, default=None, metavar="FILE.md|DIR",
+                    help="a markdown file, or a folder for mini.md / imagenet.md and their figures (e.g. leaderboards)")
     lb.add_argument("--suite", choices=["mini", "imagenet"], default=None)
 
     d = sub.add_parser("data", help="check data or build ImageNet-C")
@@ -137,11 +139,20 @@ def cmd_run(a: argparse.Namespace) -> int:
     failed = [r for r in records if getattr(r, "record_type", "") == "error"]
     text = leaderboard.render(opts.results_dir, suite=suite)
     if a.leaderboard:
-        leaderboard.write(opts.results_dir, a.leaderboard, suite=suite)
+        if a.leaderboard.suffix == ".md":
+            leaderboard.write(opts.results_dir, a.leaderboard, suite=suite)
+        else:
+            leaderboard.write_suite_pages(opts.results_dir, a.leaderboard)
     sys.stdout.write(text)
-    if failed:
-        log.warning("%d of %d (model, task) pairs failed; see 'Failed runs' above", len(failed), len(records))
-    return 1 if failed and len(failed) == len(records) else 0
+    if failed:  # the suite went on past each failure; the exit status still says that something needs fixing
+        first = failed[0]
+        sys.stderr.write(
+            f"prosmin-bench: error: {len(failed)} of {len(records)} (model, task) pairs failed (see 'Failed runs'); "
+            f"{first.model} / {first.task}: {first.message} (finished results are kept; a re-run redoes only what "
+            "is missing or failed)\n"
+        )
+        return 1
+    return 0
 
 
 def cmd_list(a: argparse.Namespace) -> int:
@@ -187,14 +198,19 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(a: argparse.Namespace) -> int:
+    """No --out: print the page(s). --out FILE.md: that page (--suite, or every suite found) with figures/ beside
+    it. --out DIR: one page per suite (DIR/mini.md, DIR/imagenet.md) with DIR/figures/<suite>/*.png."""
     from . import config, leaderboard
 
     results = a.results or config.default_results_dir()
-    if a.out:
-        leaderboard.write(results, a.out, suite=a.suite)
-        sys.stdout.write(f"{a.out}\n")
-    else:
+    if a.out is None:
         sys.stdout.write(leaderboard.render(results, suite=a.suite))
+    elif a.out.suffix.lower() == ".md":
+        sys.stdout.write(f"{leaderboard.write(results, a.out, suite=a.suite)}\n")
+    else:
+        suites = [a.suite] if a.suite else None
+        for path in leaderboard.write_suite_pages(results, a.out, suites=suites):
+            sys.stdout.write(f"{path}\n")
     return 0
 
 
@@ -227,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ProsminBenchError, MetricArgumentError) as exc:
         if a.debug:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        from .runner import one_line
+
+        msg = one_line(exc)
         sys.stderr.write(f"prosmin-bench: error: {msg}\n")
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:

@@ -169,17 +169,26 @@ def dumps(record: Record) -> str:
 def write_record(record: Record, results_dir: str | os.PathLike) -> Path:
     """Write atomically (temp file in the same folder + fsync + rename): readers see the old or the new file."""
     path = record_path(results_dir, record.model, record.task)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = dumps(record)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # the disk filled up or the folder became read-only during the run
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise ResultsError(
+            f"Could not write result file {str(path)!r} ({exc.strerror or type(exc).__name__}); free space or "
+            "pass a writable --results DIR, then run again (results already written are kept)"
+        ) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 

@@ -185,5 +185,28 @@ def require_root(name: str, data_root: Path | None, sub: str, layout: str, sourc
         )
     path = Path(data_root) / sub
     if not path.is_dir():
-        raise DataError(f"Dataset {name!r}: {str(path)!r} does not exist; expected {layout}. Source: {source}")
+        nearest = path.parent  # the deepest folder that exists on the way, to show what is there instead
+        while nearest != Path(data_root) and not nearest.is_dir():
+            nearest = nearest.parent
+        raise DataError(
+            f"Dataset {name!r}: {str(path)!r} does not exist; expected {layout}, but {_found(nearest)}. "
+            f"Source: {source}"
+        )
     return path
+
+
+def _found(folder: Path, limit: int = 5) -> str:
+    """What a folder holds, for error messages: "found [a/, b.txt] in <folder>", "<folder> is empty", ..."""
+    if not folder.exists():
+        return f"{str(folder)!r} does not exist"
+    if not folder.is_dir():
+        return f"{str(folder)!r} is a file, not a folder"
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        return f"{str(folder)!r} cannot be read ({exc.strerror})"
+    if not entries:
+        return f"{str(folder)!r} is empty"
+    shown = [e.name + ("/" if e.is_dir() else "") for e in entries[:limit]]
+    more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
+    return f"found {shown}{more} in {str(folder)!r}"

@@ -55,9 +55,11 @@ def list_image_folder(
     else:
         missing = [c for c in classes if c not in set(found)]
         if missing and (not allow_missing_classes or len(missing) == len(classes)):
+            loose = sorted(e.name for e in os.scandir(root) if e.is_file())
+            files = f" and {len(loose)} files (e.g. {loose[:3]})" if loose else ""
             raise DataError(
                 f"{name}: {len(missing)} of {len(classes)} class folders are missing under {str(root)!r} "
-                f"(e.g. {missing[:3]}); found {len(found)} folders (e.g. {found[:3]})"
+                f"(e.g. {missing[:3]}); found {len(found)} folders (e.g. {found[:3]}){files}"
             )
     paths: list[str] = []
     labels: list[int] = []

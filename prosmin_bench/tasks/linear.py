@@ -113,7 +113,8 @@ def predict_logits(head: torch.nn.Linear, features: Any, batch_size: int = 65536
     out = []
     with torch.no_grad():
         for s in range(0, int(features.shape[0]), batch_size):
-            out.append(head(torch.as_tensor(np.asarray(features[s : s + batch_size], dtype=np.float32))).numpy())
+            # np.array copies the batch: a read-only memmap view would make torch warn on every call
+            out.append(head(torch.from_numpy(np.array(features[s : s + batch_size], dtype=np.float32))).numpy())
     return np.concatenate(out) if out else np.zeros((0, head.out_features), dtype=np.float32)
 
 
