@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import DataError
 from . import bundled, imagenet  # noqa: F401  (register datasets)
+from . import corruptions, imagenet_c, imagenet_o, subsets, transfer  # noqa: F401  (register datasets)
 from .base import DATASETS, ArrayImageDataset, DatasetSpec, FileImageDataset, ImageDataset, load_dataset_ref, parse_ref
 from .folder import list_image_folder
 

@@ -1,41 +1,163 @@
 """Weighted k-NN classification on frozen features (DINO, Caron et al. 2021, eval_knn.py).
 
 L2-normalise train and test features, cosine similarity, top-k neighbours, weights exp(sim / T), class votes
-summed; probabilities = votes normalised to sum 1 (so NLL and ECE exist for k-NN too). Streams over query chunks
-and train-bank chunks with a running top-k, so memory stays bounded by ``max_memory`` bytes whatever the bank
-size (unlike DINO's script, which also breaks below 100 test images).
+summed; probabilities = votes normalised to sum 1 (so NLL and ECE exist for k-NN too).
+
+Memory: :func:`knn_topk` streams over query chunks and train-bank chunks with a running top-k; chunk sizes come
+from ``max_memory``, which bounds everything the call allocates, its [N_test, k] result included (the inputs
+themselves are not counted: they are the caller's, and a cached bank is a memmap read chunk by chunk with plain
+file reads, so its pages never count toward the process's memory). ``benchmarks/bench_knn.py`` measures the peak
+resident memory against the budget. Unlike DINO's script it works below 100 test images and for k > N_train.
+
+Speed: after the first chunk fills the running top-k, a bank chunk only contributes the similarities above each
+query's current k-th best; they are few (about k / (chunks seen) per query on average), so the merge costs a
+comparison and a sparse gather instead of a top-k over the whole similarity block.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import FeatureError
 from .base import Task, TaskContext, TaskOutput, register_kind
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_MEMORY = 1 << 30  # 1 GiB of working memory for similarity blocks: fits any GPU and a laptop
 
+# Working-memory model of knn_topk, in bytes (checked by tests/test_knn.py and benchmarks/bench_knn.py).
+_CELL_BYTES = 5  # per similarity-block cell: float32 similarity + bool "above the running k-th best" mask
+_MERGE_BYTES_PER_K = 128  # per query and neighbour: running top-k (12 B), sparse candidates, merge cat/top-k/gather
+_RESULT_BYTES_PER_K = 12  # the [N_test, k] result: float32 similarity + int64 index
+_MIN_BANK_CHUNK = 2048  # below this many bank rows per chunk the per-chunk overhead dominates the matmul
+_VOTE_ROWS = 1024  # queries voted at a time in knn_vote (bounds its [rows, C] float64 accumulator)
 
-def _as_tensor(x: Any, device: torch.device | None = None) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    return t.to(device) if device is not None else t
 
+class _Rows:
+    """Row blocks of a feature matrix [N, D] (numpy array, ``.npy`` memmap or torch tensor) as float32 tensors.
 
-def _chunk_sizes(n_query: int, n_bank: int, k: int, max_memory: int, itemsize: int = 4) -> tuple[int, int]:
-    """Query and bank chunk sizes so the similarity block [q, b] plus the running top-k fit ``max_memory``.
-
-    The block needs q * b floats; a top-k over it needs about as much again (values + int64 indices of the
-    merged candidates are small beside it), so q * b * itemsize * 3 <= max_memory.
+    A read-only or shared ``.npy`` memmap (what the feature cache returns) is read with plain file reads rather
+    than through its mapping: touched pages of a mapping count toward the process's resident memory until the
+    kernel drops them, so streaming a bank through it would grow the RSS to the whole file whatever the budget.
     """
-    budget = max(max_memory // (3 * itemsize), 1)
-    q = min(n_query, max(1, int(math.sqrt(budget))), 4096)
-    b = min(n_bank, max(k, budget // max(q, 1)))
-    return max(q, 1), max(b, 1)
+
+    def __init__(self, x: Any) -> None:
+        if x.ndim != 2:
+            raise FeatureError(f"Expected features of shape [N, D], but got shape {tuple(x.shape)}")
+        self.x = x
+        self.n, self.dim = int(x.shape[0]), int(x.shape[1])
+        self.itemsize = x.element_size() if isinstance(x, torch.Tensor) else np.dtype(x.dtype).itemsize
+        self._file = None
+        if (isinstance(x, np.memmap) and isinstance(x.base, mmap.mmap) and x.flags.c_contiguous
+                and getattr(x, "mode", "") in ("r", "r+", "w+") and getattr(x, "filename", None)):
+            self._file = open(x.filename, "rb", buffering=0)
+            self._offset = int(x.offset)
+
+    def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Rows [start, stop) as float32 [stop - start, D] on ``device``, checked finite."""
+        if self._file is not None:
+            buf = np.empty((stop - start, self.dim), dtype=self.x.dtype)
+            view = memoryview(buf).cast("B")
+            self._file.seek(self._offset + start * self.dim * self.itemsize)
+            got = 0
+            while got < len(view):
+                r = self._file.readinto(view[got:])
+                if not r:
+                    raise FeatureError(f"Feature file {self.x.filename} is shorter than its header says; delete it")
+                got += r
+            t = torch.from_numpy(buf)
+        elif isinstance(self.x, torch.Tensor):
+            t = self.x[start:stop]
+        else:
+            block = np.ascontiguousarray(self.x[start:stop])
+            # torch cannot wrap read-only memory (a memmap slice); copying the block is within the budget
+            t = torch.from_numpy(block if block.flags.writeable else block.copy())
+        t = t.to(device).float()
+        if not torch.isfinite(t).all():
+            raise FeatureError(f"Features contain NaN or inf in rows {start}..{stop - 1}; recompute them")
+        return t
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _working_bytes(q: int, b: int, dim: int, k: int, itemsize: int) -> int:
+    """Bytes knn_topk holds at once with query chunk ``q`` and bank chunk ``b`` (besides its result): each
+    chunk as read (``itemsize``) and as normalised float32 (bank: plus the float32 copy before normalising),
+    the similarity block with its mask, and the running top-k with its merge buffers."""
+    per_query = dim * (itemsize + 4) + _MERGE_BYTES_PER_K * k
+    per_bank = dim * (itemsize + 8)
+    return q * per_query + b * per_bank + _CELL_BYTES * q * b
+
+
+def _chunk_sizes(n_query: int, n_bank: int, k: int, max_memory: int, itemsize: int = 4, *,
+                 dim: int = 1) -> tuple[int, int]:
+    """Query and bank chunk sizes whose working set (:func:`_working_bytes`) fits ``max_memory``.
+
+    As many queries per chunk as fit beside a bank chunk of at least ``_MIN_BANK_CHUNK`` rows (each query chunk
+    is one pass over the bank), then the largest bank chunk that fits. Below the smallest working set (one
+    query, one bank row) the chunks are (1, 1), and :func:`knn_topk` refuses the budget.
+    """
+    budget = max(int(max_memory), 0)
+    per_query = dim * (itemsize + 4) + _MERGE_BYTES_PER_K * k
+    per_bank = dim * (itemsize + 8)
+    b_min = max(1, min(n_bank, max(2 * k, _MIN_BANK_CHUNK)))
+    q = (budget - b_min * per_bank) // (per_query + _CELL_BYTES * b_min)
+    if q >= 1:
+        q = min(q, n_query)
+        b = min(n_bank, (budget - q * per_query) // (per_bank + _CELL_BYTES * q))
+    else:
+        q = 1
+        b = min(n_bank, (budget - per_query) // (per_bank + _CELL_BYTES))
+    return int(max(q, 1)), int(max(b, 1))
+
+
+def _merge(best_s: torch.Tensor, best_i: torch.Tensor, sims: torch.Tensor, offset: int, k: int,
+           full: bool, mask_buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a similarity block [q, b] (bank rows offset..offset+b) into the running top-k [q, k] (descending).
+
+    Once the running top-k is ``full`` (k bank rows seen), only similarities above a query's current k-th best
+    can enter; when they are few (at most k/2 per query on average, at most k for any query) they are gathered
+    sparsely, else the block goes through a top-k.
+    """
+    q, b = sims.shape
+    if full:
+        mask = torch.gt(sims, best_s[:, -1:], out=mask_buf)
+        count = int(torch.count_nonzero(mask))
+        if count == 0:
+            return best_s, best_i
+        if count <= q * k // 2:
+            rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows ascending
+            per_row = torch.bincount(rows, minlength=q)
+            widest = int(per_row.max())
+            if widest <= k:
+                vals = sims[rows, cols]
+                first = torch.cumsum(per_row, 0) - per_row
+                col = torch.arange(count, device=sims.device) - first[rows]
+                active = torch.nonzero(per_row, as_tuple=True)[0]
+                slot = torch.empty(q, dtype=torch.long, device=sims.device)
+                slot[active] = torch.arange(len(active), device=sims.device)
+                cand_s = torch.full((len(active), widest), -math.inf, device=sims.device)
+                cand_i = torch.full((len(active), widest), -1, dtype=torch.long, device=sims.device)
+                cand_s[slot[rows], col] = vals
+                cand_i[slot[rows], col] = cols + offset
+                top, pos = torch.cat([best_s[active], cand_s], 1).topk(k, dim=1)
+                best_i[active] = torch.cat([best_i[active], cand_i], 1).gather(1, pos)
+                best_s[active] = top
+                return best_s, best_i
+    s, i = sims.topk(min(k, b), dim=1)
+    top, pos = torch.cat([best_s, s], 1).topk(k, dim=1)
+    return top, torch.cat([best_i, i + offset], 1).gather(1, pos)
 
 
 def knn_topk(
@@ -46,8 +168,10 @@ def knn_topk(
 
     Args:
         train_features: [N_train, D]; test_features: [N_test, D] (numpy, memmap or torch; any float dtype).
+        k: neighbours; more than N_train gives N_train.
+        max_memory: bytes this call may allocate, its result included (see the module docstring).
     Returns:
-        (sims [N_test, k] float32 descending, idx [N_test, k] int64), on CPU.
+        (sims [N_test, min(k, N_train)] float32 descending, idx [N_test, min(k, N_train)] int64), on CPU.
     """
     n_train = int(train_features.shape[0])
     n_test = int(test_features.shape[0])
@@ -60,35 +184,43 @@ def knn_topk(
         )
     k = min(k, n_train)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    qc, bc = _chunk_sizes(n_test, n_train, k, max_memory)
+    bank, queries = _Rows(train_features), _Rows(test_features)
+    dim, itemsize = bank.dim, max(bank.itemsize, queries.itemsize)
+    result_bytes = _RESULT_BYTES_PER_K * k * n_test
+    qc, bc = _chunk_sizes(n_test, n_train, k, max_memory - result_bytes, itemsize, dim=dim)
+    need = result_bytes + _working_bytes(qc, bc, dim, k, itemsize)
+    if need > max_memory:
+        bank.close()
+        queries.close()
+        raise FeatureError(
+            f"Expected a k-NN memory budget of at least {need} bytes for {n_test} queries (k={k}, D={dim}), but got "
+            f"{max_memory}; raise --max-memory"
+        )
+    log.debug("k-NN plan: %d queries x %d bank rows per block, %d pass(es) over the bank, ~%.1f MiB of %.1f MiB",
+              qc, bc, -(-n_test // qc), need / 2**20, max_memory / 2**20)
     all_sims = torch.empty(n_test, k)
     all_idx = torch.empty(n_test, k, dtype=torch.long)
-    # Normalise bank chunks once per query chunk pass: for banks that fit, pre-normalise once.
-    bank_cache: list[torch.Tensor] | None = None
-    bank_bytes = n_train * int(train_features.shape[1]) * 4
-    if bank_bytes <= max_memory // 2:
-        bank_cache = [
-            torch.nn.functional.normalize(_as_tensor(train_features[s : s + bc]).float().to(dev), dim=1)
-            for s in range(0, n_train, bc)
-        ]
-    for qs in range(0, n_test, qc):
-        q = torch.nn.functional.normalize(_as_tensor(test_features[qs : qs + qc]).float().to(dev), dim=1)
-        best_s = torch.full((q.shape[0], 0), -math.inf, device=dev)
-        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=dev)
-        for ci, bs in enumerate(range(0, n_train, bc)):
-            bank = bank_cache[ci] if bank_cache is not None else torch.nn.functional.normalize(
-                _as_tensor(train_features[bs : bs + bc]).float().to(dev), dim=1
-            )
-            sims = q @ bank.T  # [q, b]
-            kk = min(k, sims.shape[1])
-            s, i = sims.topk(kk, dim=1)
-            best_s = torch.cat([best_s, s], dim=1)
-            best_i = torch.cat([best_i, i + bs], dim=1)
-            if best_s.shape[1] > k:
-                best_s, pos = best_s.topk(k, dim=1)
-                best_i = best_i.gather(1, pos)
-        all_sims[qs : qs + q.shape[0]] = best_s.cpu()
-        all_idx[qs : qs + q.shape[0]] = best_i.cpu()
+    # One similarity buffer and one mask buffer, reused by every block (fresh large allocations page-fault).
+    sims_buf = torch.empty(qc * bc, device=dev)
+    mask_buf = torch.empty(qc * bc, dtype=torch.bool, device=dev)
+    try:
+        for qs in range(0, n_test, qc):
+            qe = min(qs + qc, n_test)
+            q = F.normalize(queries.read(qs, qe, dev), dim=1)
+            best_s = torch.full((qe - qs, k), -math.inf, device=dev)
+            best_i = torch.full((qe - qs, k), -1, dtype=torch.long, device=dev)
+            for bs in range(0, n_train, bc):
+                be = min(bs + bc, n_train)
+                chunk = F.normalize(bank.read(bs, be, dev), dim=1)
+                sims = torch.mm(q, chunk.T, out=sims_buf[: (qe - qs) * (be - bs)].view(qe - qs, be - bs))
+                del chunk
+                mask = mask_buf[: sims.numel()].view(sims.shape)
+                best_s, best_i = _merge(best_s, best_i, sims, bs, k, bs >= k, mask)
+            all_sims[qs:qe] = best_s.cpu()
+            all_idx[qs:qe] = best_i.cpu()
+    finally:
+        bank.close()
+        queries.close()
     return all_sims, all_idx
 
 
@@ -96,17 +228,28 @@ def knn_vote(sims: torch.Tensor, idx: torch.Tensor, train_labels: Any, k: int, t
              num_classes: int) -> torch.Tensor:
     """Vote probabilities [N_test, C] from the first ``k`` of precomputed neighbours (sims descending)."""
     labels = _as_tensor(train_labels).long()
-    s, i = sims[:, :k], idx[:, :k]
-    weights = (s / temperature).exp()  # DINO: exp(sim / T); sim <= 1 so no overflow in float32 for T >= 0.01
-    votes = torch.zeros(s.shape[0], num_classes, dtype=torch.float64)
-    votes.scatter_add_(1, labels[i], weights.double())
-    return (votes / votes.sum(dim=1, keepdim=True)).float()
+    out = torch.empty(sims.shape[0], num_classes)
+    for r in range(0, sims.shape[0], _VOTE_ROWS):
+        s, i = sims[r : r + _VOTE_ROWS, :k], idx[r : r + _VOTE_ROWS, :k]
+        weights = (s.double() / temperature).exp()  # DINO: exp(sim / T); sim <= 1 so no overflow for T >= 0.01
+        votes = torch.zeros(s.shape[0], num_classes, dtype=torch.float64)
+        votes.scatter_add_(1, labels[i], weights)
+        out[r : r + _VOTE_ROWS] = (votes / votes.sum(dim=1, keepdim=True)).float()
+    return out
+
+
+def _as_tensor(x: Any, device: torch.device | None = None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.to(device) if device is not None else t
 
 
 def knn_predict(train_features: Any, train_labels: Any, test_features: Any, k: int = 20, temperature: float = 0.07,
                 num_classes: int | None = None, *, max_memory: int = DEFAULT_MAX_MEMORY,
                 device: str | torch.device | None = None) -> torch.Tensor:
     """DINO weighted k-NN: probabilities [N_test, C] for test features [N_test, D] given a train bank [N_train, D].
+
+    ``max_memory`` bounds the whole call: the probabilities and the vote buffers are set aside first, the rest
+    goes to :func:`knn_topk`.
 
     >>> import torch
     >>> train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
@@ -123,8 +266,11 @@ def knn_predict(train_features: Any, train_labels: Any, test_features: Any, k: i
         raise FeatureError(f"Expected {train_features.shape[0]} train labels, but got {labels.shape[0]}")
     if num_classes is None:
         num_classes = int(labels.max()) + 1
-    sims, idx = knn_topk(train_features, test_features, k, max_memory=max_memory, device=device)
-    return knn_vote(sims, idx, labels, min(k, sims.shape[1]), temperature, num_classes)
+    n_test = int(test_features.shape[0])
+    kk = min(k, int(train_features.shape[0]))
+    vote_bytes = 4 * n_test * num_classes + min(n_test, _VOTE_ROWS) * (8 * num_classes + 28 * kk)
+    sims, idx = knn_topk(train_features, test_features, k, max_memory=max_memory - vote_bytes, device=device)
+    return knn_vote(sims, idx, labels, sims.shape[1], temperature, num_classes)
 
 
 @register_kind("knn")

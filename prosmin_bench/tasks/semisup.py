@@ -1,0 +1,84 @@
+"""Semi-supervised classification: fine-tune backbone + linear head on a labelled subset, evaluate on test.
+
+Protocol (PROTOCOLS.md "Semi-supervised"; iBOT ``evaluation/README.md``): the SimCLR 1% / 10% ImageNet splits,
+end-to-end fine-tuning (iBOT: lr 5e-6, 1000 epochs, from the first layer of the projection head). The suite's
+backbones carry no projection head (official checkpoints ship the backbone only), so the new linear head sits on the
+final-norm CLS token, as in DINO's fine-tuning. The loop and its model selection (best epoch on a held-out part of
+the labelled subset, never the test set) are ``tasks/finetune.py``; subsets are ``data/subsets.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..data.subsets import SubsetImageDataset, check_covers
+from .base import Task, TaskContext, TaskOutput, register_kind
+from .finetune import FinetuneParams, check_finetune_params, finetune, predict
+from .linear import classification_metrics, reliability_bins, softmax
+from .lowshot import check_subset_params, labelled_subset
+
+
+@dataclass(frozen=True)
+class SemisupParams(FinetuneParams):
+    subset_file: str = ""  # SimCLR split file (shipped name or path); empty: stratified draw of `fraction`
+    fraction: float = 0.0  # labelled fraction for the stratified draw (seeded)
+
+
+def evaluate_finetuned(ctx: TaskContext, result: Any, test_ref: Any, params: FinetuneParams,
+                       num_classes: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Test metrics of a fine-tuned classifier (the model's eval transform), and extras for plots."""
+    opts = ctx.options
+    test = ctx.dataset(test_ref)
+    logits, y = predict(result.model, test.with_transform(ctx.model.transform),
+                        batch_size=getattr(opts, "batch_size", 256), device=ctx.device,
+                        num_workers=getattr(opts, "num_workers", 0))
+    probs = softmax(logits)
+    metrics = classification_metrics(probs, y, params.n_bins)
+    metrics.update({"val_top1": result.val_top1, "best_epoch": float(result.best_epoch)})
+    extras = {"history": result.history, "reliability": reliability_bins(probs, y, params.n_bins)}
+    return metrics, extras
+
+
+def run_finetune(ctx: TaskContext, train_set: Any, test_ref: Any, params: FinetuneParams, name: str) -> TaskOutput:
+    """Fine-tune on ``train_set`` and evaluate on ``test_ref`` (shared by the semisup and transfer kinds)."""
+    test_labels = np.asarray(ctx.dataset(test_ref).labels)
+    num_classes = int(max(np.max(train_set.labels), test_labels.max())) + 1
+    opts = ctx.options
+    result = finetune(ctx.model, train_set, np.asarray(train_set.labels), num_classes, params, seed=ctx.seed,
+                      device=ctx.device, num_workers=getattr(opts, "num_workers", 0),
+                      precision=getattr(opts, "precision", "fp32"), desc=f"{ctx.model.spec.name} {name}")
+    metrics, extras = evaluate_finetuned(ctx, result, test_ref, params, num_classes)
+    return TaskOutput(metrics, extras)
+
+
+@register_kind("semisup")
+class SemisupTask(Task):
+    """Fine-tuning on a labelled subset: ``top1``, ``top5`` (C >= 5), ``nll``, ``ece``, ``val_top1``,
+    ``best_epoch``, ``n_labelled``."""
+
+    roles = ("train", "test")
+    Params = SemisupParams
+
+    @classmethod
+    def check_params(cls, spec, params) -> None:
+        check_finetune_params(spec, params)
+        check_subset_params(spec, params.subset_file, params.fraction)
+
+    def metric_names(self) -> list[str]:
+        return ["top1", "top5", "nll", "ece", "val_top1", "best_epoch", "n_labelled"]
+
+    def run(self, ctx: TaskContext) -> TaskOutput:
+        p = self.params
+        train_ref, test_ref = self.spec.datasets["train"], self.spec.datasets["test"]
+        train = ctx.dataset(train_ref)
+        subset = labelled_subset(ctx, train_ref, np.asarray(train.labels), p.subset_file, p.fraction, self.spec.card)
+        labelled = SubsetImageDataset(train, subset.indices)
+        test = ctx.dataset(test_ref)
+        check_covers(labelled.labels, np.asarray(test.labels), test.class_names, f"{self.spec.name} (seed {ctx.seed})")
+        out = run_finetune(ctx, labelled, test_ref, p, self.spec.name)
+        out.metrics["n_labelled"] = float(len(subset))
+        out.extras["subset"] = subset.info
+        return out
