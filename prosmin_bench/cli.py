@@ -120,6 +120,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .runner import RunOptions, evaluate, suite_models, suite_tasks
 
     suite = a.suite or (None if (a.model or a.task) else "mini")
+    if suite is None and a.model and not a.task:
+        # `run --model X`: every task of the models' own suite (mini models -> digits tasks)
+        from .models.zoo import get_model_spec
+
+        scales = {get_model_spec(m).scale for m in a.model}
+        if len(scales) == 1:
+            suite = scales.pop()
     models = list(a.model) or (suite_models(suite) if suite else [])
     tasks = list(a.task) or (suite_tasks(suite) if suite else [])
     if not models:
