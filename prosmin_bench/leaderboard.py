@@ -7,7 +7,10 @@
 * numbers reported in papers (``prosmin_bench.reported``: model cards and PROTOCOLS.md's tables) in their own
   tables, next to the measured ones and never mixed into them;
 * a section per task family (knn, linear, lowshot, semisup, ood, corruption, transfer, collapse, then any other
-  kind) with every metric of every task and links to the plots (``prosmin_bench.plots``);
+  kind) with every metric of every task and links to the plots (``prosmin_bench.plots``). Metrics only some models
+  can have (:data:`METRIC_GROUPS`: scores from ProSMin's predictive distribution, collapse of the projector
+  outputs) get their own table under the task's table, with rows for the models that report them and a line
+  saying what they are;
 * stale results (older task versions: never aggregated with the newest), failed runs (error records) and
   unreadable files (listed and ignored).
 
@@ -378,6 +381,82 @@ def _protocol_text(rs: Sequence[ResultRecord]) -> str:
 MAX_COLUMNS = 12
 
 
+@dataclass(frozen=True)
+class MetricGroup:
+    """Metrics that only some models report, shown in a table of their own (issue 10).
+
+    ``prefixes``: metric names starting with one of these belong to the group. ``descriptions``: (exact name, or
+    a prefix ending in ``_``, text), the first match wins; the explanation line under the group's title lists the
+    texts of the metrics present.
+    """
+
+    title: str
+    note: str
+    prefixes: tuple[str, ...]
+    descriptions: tuple[tuple[str, str], ...]
+
+    def holds(self, metric: str) -> bool:
+        return metric.startswith(self.prefixes)
+
+    def explain(self, metrics: Sequence[str]) -> str:
+        texts: list[str] = []
+        for m in metrics:
+            for key, text in self.descriptions:
+                if (m == key or (key.endswith("_") and m.startswith(key))) and text not in texts:
+                    texts.append(text)
+                    break
+        return " ".join([self.note, *(f"{t}." for t in texts)])
+
+
+#: Metric groups with a table of their own, in page order (the main score of a task always stays in its table).
+METRIC_GROUPS: tuple[MetricGroup, ...] = (
+    MetricGroup(
+        title="Predictive distribution (probabilistic models only)",
+        note="Scores from the model's own predictive distribution N(mu, diag(sigma^2)) (ProSMin's online "
+             "predictor); models without one have no row here.",
+        prefixes=("sigma_", "dispersion_", "mu_"),
+        descriptions=(
+            ("sigma_err_spearman", "`sigma_err_spearman`: Spearman rank correlation between a test image's mean "
+                                   "predictive sigma and the probe's error on it (its NLL); > 0: sigma grows with "
+                                   "the error"),
+            ("sigma_misclf_auroc", "`sigma_misclf_auroc`: AUROC of the mean sigma for telling the probe's "
+                                   "misclassified test images from its correct ones (50 = no signal)"),
+            ("sigma_mean", "`sigma_mean`: the mean predictive sigma"),
+            ("sigma_", "`sigma_*`: OOD detection scored by the mean predictive sigma (higher = less confident)"),
+            ("dispersion_", "`dispersion_*`: OOD detection scored by the expected pairwise distance between r "
+                            "samples mu + sigma * eps (r and the distance are in the protocol)"),
+            ("mu_", "`mu_*`: the collapse metrics on the predictive mean"),
+        ),
+    ),
+    MetricGroup(
+        title="Projector outputs (checkpoints of the pretraining module only)",
+        note="Measured on the target network's projection head output; models from other sources have no row here.",
+        prefixes=("proj_",),
+        descriptions=(("proj_", "`proj_*`: the collapse metrics on the projector outputs [N, K]"),),
+    ),
+)
+
+
+def group_metrics(metrics: Sequence[str]) -> tuple[list[str], list[tuple[MetricGroup, list[str]]]]:
+    """(metrics for the task's table, [(group, its metrics), ...] for the groups present); ``metrics[0]`` (the
+    main score) always stays in the task's table, order kept.
+
+    >>> main, groups = group_metrics(["auroc", "fpr95", "sigma_auroc", "proj_effective_rank"])
+    >>> main, [(g.prefixes[0], ms) for g, ms in groups]
+    (['auroc', 'fpr95'], [('sigma_', ['sigma_auroc']), ('proj_', ['proj_effective_rank'])])
+    """
+    if not metrics:
+        return [], []
+    taken: set[str] = set()
+    groups = []
+    for g in METRIC_GROUPS:
+        ms = [m for m in metrics[1:] if m not in taken and g.holds(m)]
+        if ms:
+            taken.update(ms)
+            groups.append((g, ms))
+    return [m for m in metrics if m not in taken], groups
+
+
 def split_metrics(metrics: Sequence[str]) -> tuple[list[str], list[str]]:
     """(model-table, folded) metric names, order kept; ``metrics[0]`` is the main score and is never folded.
 
@@ -416,7 +495,8 @@ def _render_task(task: str, rs: Sequence[ResultRecord], page_plots: Sequence[Pag
                      f"Protocol: {_protocol_text(rs)}.\n")
         metrics = sorted({k for r in rs for k in r.mean}, key=_natural_key)
         metrics = [main] + [m for m in metrics if m != main]
-        headline, detail = split_metrics(metrics)
+        own, groups = group_metrics(metrics)
+        headline, detail = split_metrics(own)
         unit = {m: column_unit(m, [v for r in rs for v in (r.mean.get(m), r.std.get(m)) if v is not None])
                 for m in metrics}
         ordered = _sorted_by_main(rs, main)
@@ -432,6 +512,12 @@ def _render_task(task: str, rs: Sequence[ResultRecord], page_plots: Sequence[Pag
                                              for r in ordered] for m in detail]
             lines.append(_table(body, ["metric"] + [r.model for r in ordered]))
             lines.append("\n</details>")
+        for group, gms in groups:
+            has = [r for r in ordered if any(m in r.mean for m in gms)]
+            lines.append(f"\n{group.title}. {group.explain(gms)}\n")
+            rows = [[_model_cell(r.model, pretraining_overlap(r)), str(len(r.seeds))]
+                    + [fmt_mean_std(r.mean.get(m), r.std.get(m), len(r.seeds), unit[m]) for m in gms] for r in has]
+            lines.append(_table(rows, ["model", "seeds"] + [_header(m, unit[m]) for m in gms]))
         for p in page_plots:
             lines.append(f"\n![{p.spec.caption}]({p.link})")
     else:

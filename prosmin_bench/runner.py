@@ -9,6 +9,7 @@ folder neither corrupt nor duplicate work, and a killed run resumes where it sto
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -18,9 +19,9 @@ from typing import Any
 
 import torch
 
-from . import config
-from .data import dataset_key, resolve_dataset
-from .errors import DataError, ProsminBenchError, WeightsError
+from . import config, distributed
+from .data import DATASETS, dataset_key, parse_ref, resolve_dataset
+from .errors import DataError, ProsminBenchError, UnknownNameError, WeightsError
 from .features import extract
 from .models import ModelSpec, get_model, get_model_spec, resolve_device
 from .results import (
@@ -81,6 +82,13 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str) -> 
     return rec
 
 
+def _is_result(path: Path) -> bool:
+    try:
+        return path.is_file() and isinstance(read_record(path), ResultRecord)
+    except CorruptRecord:
+        return False
+
+
 class _FeatureSource:
     """Per-model feature access for tasks: datasets resolved once, features from the content-keyed cache."""
 
@@ -101,15 +109,67 @@ class _FeatureSource:
     def features(self, ref: Any, layer: str, **kwargs: Any) -> Any:
         key = (dataset_key(ref), layer)
         if key not in self._features:
+            _tell_workers(("features", ref, layer))  # under torchrun every rank extracts its shard
             fs = extract(
                 self.model, self.dataset(ref), dataset_id=key[0], layer=layer, batch_size=self.opts.batch_size,
                 device=self.device, precision=self.opts.precision, dtype=self.opts.feature_dtype,
-                num_workers=self.opts.num_workers,
+                num_workers=self.opts.num_workers, shard=True,
             )
             if fs.computed:
                 self.images_per_second.append(float(fs.meta.get("images_per_second", 0.0)))
             self._features[key] = fs
         return self._features[key]
+
+
+# --- torchrun: every rank extracts, rank 0 alone runs the protocols and writes records ---------------------------
+# Rank 0 drives: before each model it loads and each feature set a task asks for, it broadcasts what comes next;
+# the other ranks follow in _serve_extraction, so every extraction is a collective that all ranks enter together.
+
+
+def _tell_workers(message: Any) -> None:
+    """On rank 0 under torchrun, announce the next step to the other ranks (a no-op otherwise)."""
+    if distributed.world_size() > 1 and distributed.is_main():
+        distributed.broadcast_object(message)
+
+
+def _load_model_everywhere(mspec: ModelSpec, opts: RunOptions, dev: torch.device) -> Any:
+    """The backbone (pretraining a missing mini model first); under torchrun it fails on every rank if it fails on
+    any, so rank 0 never asks for features that another rank cannot compute."""
+    model, error = None, None
+    try:
+        _ensure_weights(mspec, opts)
+        model = get_model(mspec, weights=opts.weights, device=dev, weights_dir=opts.weights_dir)
+    except (ProsminBenchError, OSError) as exc:
+        error = exc
+    if distributed.world_size() > 1:
+        reports = distributed.all_gather_object(None if error is None else one_line(error))
+        failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+        if error is None and failed:
+            error = distributed.DistributedError(f"Rank {failed[0][0]} could not load {mspec.name}: {failed[0][1]}")
+    if error is not None:
+        raise error
+    return model
+
+
+def _serve_extraction(mspecs: Sequence[ModelSpec], opts: RunOptions, dev: torch.device) -> None:
+    """Ranks other than 0 under torchrun: load the model rank 0 loads and extract the features it asks for, until
+    it says the run is over (rank 0 records every failure; here they are only logged)."""
+    source: _FeatureSource | None = None
+    while True:
+        message = distributed.broadcast_object(None)
+        if message is None:
+            return
+        if message[0] == "model":
+            try:
+                source = _FeatureSource(_load_model_everywhere(mspecs[message[1]], opts, dev), opts, dev)
+            except (ProsminBenchError, OSError) as exc:
+                source = None
+                log.debug("rank %d: %s", distributed.rank(), one_line(exc))
+        elif message[0] == "features" and source is not None:
+            try:
+                source.features(message[1], message[2])
+            except Exception as exc:  # the same failure reaches rank 0 from inside the extraction
+                log.debug("rank %d: %s", distributed.rank(), one_line(exc))
 
 
 def _ensure_weights(spec: ModelSpec, opts: RunOptions) -> None:
@@ -128,11 +188,50 @@ def _ensure_weights(spec: ModelSpec, opts: RunOptions) -> None:
     pretrain(spec.weights.recipe, device=opts.device)
 
 
+#: The first line torch's DataLoader gives an error re-raised from a worker process (``ExceptionWrapper``).
+_WORKER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+
+
+def one_line(exc: BaseException) -> str:
+    """The one-line message of an error, for logs, error records and the CLI.
+
+    An error raised in a DataLoader worker (an unreadable image with ``--num-workers`` > 0) is re-raised by torch
+    as ``Caught DataError in DataLoader worker process 0.`` followed by the worker's traceback; the original
+    message is the traceback's last ``<type>: <message>`` line, recovered here.
+    """
+    lines = str(exc).splitlines()
+    if not lines:
+        return type(exc).__name__
+    if _WORKER_ERROR.match(lines[0]):
+        cls = type(exc)
+        heads = (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: ")
+        for line in reversed(lines):
+            for head in heads:
+                if line.startswith(head):
+                    return line[len(head):]
+    return lines[0]
+
+
+def _check_dataset_refs(spec: TaskSpec) -> None:
+    """Every ``"name:split"`` a task card names is a registered dataset with that split (checked before any work,
+    so a typo in a card fails fast with close matches instead of after the first tasks have run)."""
+    for role, ref in spec.datasets.items():
+        if not isinstance(ref, str):
+            continue  # generic sources (imagefolder, hf) are checked when loaded
+        name, split = parse_ref(ref)
+        where = f"Task {spec.name!r} ({spec.card or 'built-in'}), datasets.{role}"
+        if name not in DATASETS:
+            raise UnknownNameError(f"{where}: {DATASETS.unknown_message(name)}")
+        splits = DATASETS.get(name).splits
+        if split not in splits:
+            raise DataError(f"{where}: dataset {name!r} has no split {split!r}; expected one of {list(splits)}")
+
+
 def _error_record(model: str, spec: TaskSpec, exc: BaseException) -> ErrorRecord:
     user = isinstance(exc, ProsminBenchError)
     return ErrorRecord(
         model=model, task=spec.name, task_version=spec.version, error_type=type(exc).__name__,
-        message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        message=one_line(exc),
         traceback="" if user else "".join(traceback.format_exception(exc))[-4000:],
         versions=versions(), git_commit=git_commit(), timestamp_utc=utc_now(),
     )
@@ -181,6 +280,9 @@ def evaluate(
         device: "auto" (CUDA when present), "cpu", "cuda", ...
         results_dir: where ``<model>/<task>.json`` records live (default ``leaderboards/results``).
         overwrite: recompute records that already exist.
+
+    Under ``torchrun`` every rank calls this: each extracts its shard of every dataset, rank 0 alone runs the
+    protocols and writes the records, and the other ranks return an empty list.
     """
     opts = options or RunOptions()
     opts.seeds = tuple(int(s) for s in seeds) if options is None else opts.seeds
@@ -195,6 +297,8 @@ def evaluate(
     # Resolve every name before any work, so a typo fails fast with close matches.
     mspecs = [m if isinstance(m, ModelSpec) else get_model_spec(m) for m in model_list]
     tspecs = [get_task_spec(t) for t in task_list]
+    for tspec in tspecs:
+        _check_dataset_refs(tspec)
     if opts.weights is not None and len(mspecs) != 1:
         raise ProsminBenchError(f"--weights applies to one model, but {len(mspecs)} were given; use --weights-dir")
     # Inputs named on the command line are checked before any work, so a typo costs nothing.
@@ -206,19 +310,29 @@ def evaluate(
         raise DataError(f"Data root {str(opts.data_root)!r} does not exist; pass the folder that holds imagenet/, "
                         "imagenet-o/, imagenet-c/ (see `prosmin-bench data check --data-root DIR`)")
     check_writable(opts.results_dir)
-    dev = resolve_device(opts.device)
+    distributed.init_from_env(opts.device)  # joins the process group under torchrun; a no-op otherwise
+    dev = distributed.process_device(opts.device) if distributed.world_size() > 1 else resolve_device(opts.device)
+    if not distributed.is_main():
+        _serve_extraction(mspecs, opts, dev)
+        return []
     from filelock import FileLock
 
     records: list[Record] = []
-    for mspec in mspecs:
+    for model_index, mspec in enumerate(mspecs):
         try:
-            _ensure_weights(mspec, opts)
-            model = get_model(mspec, weights=opts.weights, device=dev, weights_dir=opts.weights_dir)
+            _tell_workers(("model", model_index))
+            model = _load_model_everywhere(mspec, opts, dev)
         except (ProsminBenchError, OSError) as exc:
-            log.error("%s: %s", mspec.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.error("%s: %s", mspec.name, one_line(exc))
             for tspec in tspecs:
                 rec = _error_record(mspec.name, tspec, exc)
-                write_record(rec, opts.results_dir)
+                path = record_path(opts.results_dir, mspec.name, tspec.name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(path) + ".lock"):
+                    # Never replace a finished result with this failure: another run (another job on the same
+                    # folder, or an earlier run with working weights) may have written it.
+                    if not _is_result(path):
+                        write_record(rec, opts.results_dir)
                 records.append(rec)
             continue
         source = _FeatureSource(model, opts, dev)
@@ -240,6 +354,11 @@ def evaluate(
                 except Exception as exc:  # one failing (model, task) must not stop the suite
                     rec = _error_record(mspec.name, tspec, exc)
                     log.error("%s / %s failed: %s", mspec.name, tspec.name, rec.message)
+                    # The failed task's frames hold its data loader: free it (and end its worker processes) now.
+                    # Left to the garbage collector, a reference cycle through the exception tears the loader
+                    # down in arbitrary order and each worker then waits out torch's 5 s shutdown timeout.
+                    traceback.clear_frames(exc.__traceback__)
                 write_record(rec, opts.results_dir)
                 records.append(rec)
+    _tell_workers(None)  # the other ranks' _serve_extraction returns
     return records

@@ -56,11 +56,13 @@ def get_model(
         weights_dir: a folder searched first for the card's weights file.
 
     Returns:
-        Backbone whose ``forward(images [N, 3, H, W])`` returns features [N, D].
+        Backbone whose ``forward(images [N, 3, H, W])`` returns features [N, D]; for checkpoints written by the
+        pretraining module also ``projector(images) -> [N, K]`` and, for ProSMin, ``predictive(images) -> (mu,
+        sigma)`` (``has_projector`` / ``has_predictive`` say which).
     """
     spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
     path = resolve_weights_path(spec, weights, weights_dir)
-    predictive = None
+    predictive = projector = None
     if path is None:  # random init, fixed by the spec's seed so "random_micro" is one model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.weights.seed)
@@ -69,10 +71,12 @@ def get_model(
     else:
         net = build_architecture(spec.arch, **spec.arch_kwargs)
         digest, fmt, ckpt = load_weights(net, spec, path, verify_sha=weights is None)
-        if fmt == "prosmin_bench":
-            from ..pretrain.export import build_predictive
+        if fmt == "prosmin_bench":  # the pretraining module's checkpoints also carry the heads (issues 7, 10)
+            from ..pretrain.export import build_eval_modules
 
-            predictive = build_predictive(ckpt)
+            heads = build_eval_modules(ckpt)
+            predictive, projector = heads.predictive, heads.projector
         del ckpt
-    model = Backbone(spec, net, digest, predictive=predictive, weights_path=str(path) if path else None)
+    model = Backbone(spec, net, digest, predictive=predictive, projector=projector,
+                     weights_path=str(path) if path else None)
     return model.to(resolve_device(device))

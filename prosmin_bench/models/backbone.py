@@ -2,7 +2,9 @@
 
 ``forward(images [N, 3, H, W]) -> features [N, D]`` in the spec's feature layer; ``features(images, layer)`` for
 another layer; ``embed_dim``; ``transform`` (eval preprocessing for PIL images); ``spec``; ``weights_sha256``.
-Tasks never look inside a model.
+Checkpoints written by the pretraining module add ``projector(images) -> [N, K]`` and, for a probabilistic method
+(ProSMin), ``predictive(images) -> (mu [N, K], sigma [N, K])``; ``has_projector`` / ``has_predictive`` say
+whether a model has them. Tasks never look inside a model.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ class Backbone(nn.Module):
         predictive: optional module mapping images [N, 3, H, W] to ``(mu [N, K], sigma [N, K])``: ProSMin's
             online network (online backbone -> projection head -> probabilistic predictor), kept in the
             checkpoint by the pretraining module.
+        projector: optional module mapping images [N, 3, H, W] to the projection [N, K]: the target network
+            (target backbone -> target projection head) of a checkpoint written by the pretraining module.
     """
 
     def __init__(
         self, spec: ModelSpec, net: nn.Module, weights_sha256: str, predictive: nn.Module | None = None,
-        weights_path: str | None = None,
+        weights_path: str | None = None, projector: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -52,6 +56,7 @@ class Backbone(nn.Module):
         self.weights_sha256 = weights_sha256
         self.weights_path = weights_path
         self.predictive_head = predictive
+        self.projector_head = projector
         self.transform = spec.preprocess.build()
         self.is_vit = all(hasattr(net, a) for a in ("blocks", "norm", "patch_embed", "cls_token"))
         self.eval()
@@ -69,7 +74,13 @@ class Backbone(nn.Module):
 
     @property
     def has_predictive(self) -> bool:
+        """Whether ``predictive`` works: a ProSMin checkpoint written by the pretraining module."""
         return self.predictive_head is not None
+
+    @property
+    def has_projector(self) -> bool:
+        """Whether ``projector`` works: a checkpoint written by the pretraining module."""
+        return self.projector_head is not None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, 3, H, W] -> features [N, D] in the spec's feature layer."""
@@ -114,3 +125,12 @@ class Backbone(nn.Module):
                 "module for a probabilistic method (ProSMin) carry one"
             )
         return self.predictive_head(images)
+
+    def projector(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, 3, H, W] -> projection [N, K]: target backbone -> target projection head."""
+        if self.projector_head is None:
+            raise ProsminBenchError(
+                f"Model {self.spec.name!r} has no projection head: only checkpoints written by the pretraining "
+                "module (`prosmin-bench pretrain`) keep one"
+            )
+        return self.projector_head(images)

@@ -227,8 +227,11 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
 
 
 def _short(exc: BaseException) -> str:
+    """``Type: first sentence`` of an exception (torch's messages run on with advice that does not apply here)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
+    first = text[0] if text else ""
+    end = first.find(". ")
+    return f"{type(exc).__name__}: {(first[: end + 1] if end > 0 else first)[:160]}"
 
 
 def load_state_strict(module: nn.Module, state: StateDict, *, source: str) -> None:
@@ -281,7 +284,10 @@ def load_weights(
             "the file is damaged or a different release; delete it and download it again"
         )
     ckpt = load_checkpoint_file(path)
-    state, name = convert(ckpt, fmt or spec.converter)
+    try:
+        state, name = convert(ckpt, fmt or spec.converter)
+    except WeightsError as exc:  # the converters see a dict, not a file: say which file it was
+        raise WeightsError(f"Weights file {str(path)!r}: {exc}") from None
     family = checkpoint_family(ckpt, name)
     if family and spec.method in KNOWN_FAMILIES and family != spec.method:
         raise WeightsError(

@@ -5,7 +5,9 @@ the effective rank (RankMe: exp of the entropy of the normalised singular values
 number of principal components holding 99% of the variance, and the mean per-dimension standard deviation of the
 L2-normalised embeddings (Chen & He, SimSiam, CVPR 2021, Sec. 4.1; Jing et al., ICLR 2022). For checkpoints made
 by the pretraining module for a probabilistic method (ProSMin), the same metrics on the online predictor's mean
-``mu`` (in the projection head's output space) and the mean predictive ``sigma``. All the arithmetic is in
+``mu`` (in the projection head's output space) and the mean predictive ``sigma``; for every checkpoint made by
+the pretraining module, the same metrics on the projector outputs (target backbone -> target projection head, the
+space the loss compares in, where collapse is usually first seen). All the arithmetic is in
 ``prosmin_bench.metrics.collapse``.
 
 Metrics (``dims_99`` is named after ``variance_fraction``):
@@ -17,6 +19,8 @@ Metrics (``dims_99`` is named after ``variance_fraction``):
   ``per_dim_std_x_sqrt_d`` = per_dim_std * sqrt(D), comparable across widths (~1 healthy, 0 collapsed).
 - ``mu_*``: the same five on the online predictor's mean; ``sigma_mean``: the mean predicted standard deviation
   (ProSMin's own uncertainty scale). Present only for models with a predictive head (absent, not NaN, otherwise).
+- ``proj_*``: the same five on the projector outputs [N, K]. Present only for models with a projector (checkpoints
+  written by the pretraining module; absent, not NaN, otherwise).
 
 Extras: ``spectrum`` (the leading ``spectrum_size`` singular values normalised to sum 1 over all of them, for the
 "log singular values, one line per model" plot), ``dim`` and ``n_samples``.
@@ -97,6 +101,9 @@ class CollapseParams:
     # Rows for the predictive layers, whose width K is 12000 at ImageNet scale (paper): an SVD of 4096 x 12000
     # takes seconds, of 50000 x 12000 hours. The effective rank of mu is then bounded by min(4095, K).
     predictive_max_samples: int = 4096
+    projector: bool = True  # also measure the projector outputs when the checkpoint carries the projection head
+    # Rows for the projector layer: K is 12000 (ProSMin) or 65536 (DINO) at ImageNet scale, as for predictive_mu.
+    projector_max_samples: int = 4096
 
 
 @register_kind("collapse")
@@ -115,15 +122,17 @@ class CollapseTask(Task):
                 f"Card {spec.card!r}: protocol field 'variance_fraction' must be in (0, 1), but got "
                 f"{params.variance_fraction!r}"
             )
-        for name, low in (("spectrum_size", 1), ("max_samples", 0), ("predictive_max_samples", 0)):
+        for name, low in (("spectrum_size", 1), ("max_samples", 0), ("predictive_max_samples", 0),
+                          ("projector_max_samples", 0)):
             value = getattr(params, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise CardError(
                     f"Card {spec.card!r}: protocol field {name!r} must be an integer >= {low}, but got {value!r}"
                 )
-        if not isinstance(params.predictive, bool):
-            raise CardError(f"Card {spec.card!r}: protocol field 'predictive' must be true or false")
-        if params.max_samples == 1 or params.predictive_max_samples == 1:
+        for name in ("predictive", "projector"):
+            if not isinstance(getattr(params, name), bool):
+                raise CardError(f"Card {spec.card!r}: protocol field {name!r} must be true or false")
+        if 1 in (params.max_samples, params.predictive_max_samples, params.projector_max_samples):
             raise CardError(f"Card {spec.card!r}: a sample cap of 1 leaves nothing to measure; use 0 (all) or >= 2")
 
     def _embedding_names(self) -> list[str]:
@@ -132,7 +141,7 @@ class CollapseTask(Task):
 
     def metric_names(self) -> list[str]:
         names = self._embedding_names()
-        return names + [f"mu_{m}" for m in names] + ["sigma_mean"]
+        return names + [f"mu_{m}" for m in names] + ["sigma_mean"] + [f"proj_{m}" for m in names]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         p = self.params
@@ -150,4 +159,9 @@ class CollapseTask(Task):
             metrics.update({f"mu_{k}": v for k, v in embedding_collapse_metrics(m, p.variance_fraction).items()})
             metrics["sigma_mean"] = _chunked_mean(sigma.features)
             extras["mu_dim"], extras["mu_n_samples"] = int(m.shape[1]), int(m.shape[0])
+        if p.projector and getattr(ctx.model, "has_projector", False):
+            z = _rows(ctx.features(ref, "projector").features, p.projector_max_samples, ctx.rng(13))
+            metrics.update({f"proj_{k}": v for k, v in embedding_collapse_metrics(z, p.variance_fraction).items()})
+            extras["proj_spectrum"] = normalised_spectrum(z, p.spectrum_size)
+            extras["proj_dim"], extras["proj_n_samples"] = int(z.shape[1]), int(z.shape[0])
         return TaskOutput(metrics, extras)

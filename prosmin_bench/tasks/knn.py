@@ -38,6 +38,7 @@ _CELL_BYTES = 5  # per similarity-block cell: float32 similarity + bool "above t
 _MERGE_BYTES_PER_K = 128  # per query and neighbour: running top-k (12 B), sparse candidates, merge cat/top-k/gather
 _RESULT_BYTES_PER_K = 12  # the [N_test, k] result: float32 similarity + int64 index
 _MIN_BANK_CHUNK = 2048  # below this many bank rows per chunk the per-chunk overhead dominates the matmul
+_FIRST_BANK_CHUNK = 1024  # rows of the first bank chunk (at least 2k): its dense top-k fills the running top-k
 _VOTE_ROWS = 1024  # queries voted at a time in knn_vote (bounds its [rows, C] float64 accumulator)
 
 
@@ -122,39 +123,62 @@ def _chunk_sizes(n_query: int, n_bank: int, k: int, max_memory: int, itemsize: i
     return int(max(q, 1)), int(max(b, 1))
 
 
+def _merge_rows(best_s: torch.Tensor, best_i: torch.Tensor, rows: torch.Tensor, cand_s: torch.Tensor,
+                cand_i: torch.Tensor, k: int) -> None:
+    """Merge candidates [len(rows), c] into the running top-k of ``rows``, in place."""
+    top, pos = torch.cat([best_s[rows], cand_s], 1).topk(k, dim=1)
+    best_i[rows] = torch.cat([best_i[rows], cand_i], 1).gather(1, pos)
+    best_s[rows] = top
+
+
+def _merge_heavy(best_s: torch.Tensor, best_i: torch.Tensor, sims: torch.Tensor, heavy: torch.Tensor, offset: int,
+                 k: int) -> None:
+    """Rows with more than k candidates in one block (a query meeting its own class in a class-sorted bank): a
+    top-k of their block rows, a few rows at a time so the copy stays within the merge allowance (4 q k bytes)."""
+    q, b = sims.shape
+    for rows in heavy.split(max(1, q * k // b)):
+        s, i = sims[rows].topk(k, dim=1)
+        _merge_rows(best_s, best_i, rows, s, i + offset, k)
+
+
 def _merge(best_s: torch.Tensor, best_i: torch.Tensor, sims: torch.Tensor, offset: int, k: int,
            full: bool, mask_buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a similarity block [q, b] (bank rows offset..offset+b) into the running top-k [q, k] (descending).
 
     Once the running top-k is ``full`` (k bank rows seen), only similarities above a query's current k-th best
-    can enter; when they are few (at most k/2 per query on average, at most k for any query) they are gathered
-    sparsely, else the block goes through a top-k.
+    can enter. When they are few (at most k per query on average) they are gathered sparsely (rows with more
+    than k of them go through a top-k of their own); otherwise the whole block goes through a top-k.
     """
     q, b = sims.shape
+    dev = sims.device
     if full:
         mask = torch.gt(sims, best_s[:, -1:], out=mask_buf)
         count = int(torch.count_nonzero(mask))
         if count == 0:
             return best_s, best_i
-        if count <= q * k // 2:
+        if count <= q * k:  # the candidate list (~44 B per candidate) stays within the merge allowance
             rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows ascending
             per_row = torch.bincount(rows, minlength=q)
+            heavy = torch.nonzero(per_row > k, as_tuple=True)[0]
+            if len(heavy):
+                _merge_heavy(best_s, best_i, sims, heavy, offset, k)
+                light = per_row[rows] <= k
+                rows, cols = rows[light], cols[light]
+                per_row = per_row.masked_fill(per_row > k, 0)
+                if len(rows) == 0:
+                    return best_s, best_i
             widest = int(per_row.max())
-            if widest <= k:
-                vals = sims[rows, cols]
-                first = torch.cumsum(per_row, 0) - per_row
-                col = torch.arange(count, device=sims.device) - first[rows]
-                active = torch.nonzero(per_row, as_tuple=True)[0]
-                slot = torch.empty(q, dtype=torch.long, device=sims.device)
-                slot[active] = torch.arange(len(active), device=sims.device)
-                cand_s = torch.full((len(active), widest), -math.inf, device=sims.device)
-                cand_i = torch.full((len(active), widest), -1, dtype=torch.long, device=sims.device)
-                cand_s[slot[rows], col] = vals
-                cand_i[slot[rows], col] = cols + offset
-                top, pos = torch.cat([best_s[active], cand_s], 1).topk(k, dim=1)
-                best_i[active] = torch.cat([best_i[active], cand_i], 1).gather(1, pos)
-                best_s[active] = top
-                return best_s, best_i
+            first = torch.cumsum(per_row, 0) - per_row
+            col = torch.arange(len(rows), device=dev) - first[rows]  # position of each candidate within its row
+            active = torch.nonzero(per_row, as_tuple=True)[0]
+            slot = torch.empty(q, dtype=torch.long, device=dev)
+            slot[active] = torch.arange(len(active), device=dev)
+            cand_s = torch.full((len(active), widest), -math.inf, device=dev)
+            cand_i = torch.full((len(active), widest), -1, dtype=torch.long, device=dev)
+            cand_s[slot[rows], col] = sims[rows, cols]
+            cand_i[slot[rows], col] = cols + offset
+            _merge_rows(best_s, best_i, active, cand_s, cand_i, k)
+            return best_s, best_i
     s, i = sims.topk(min(k, b), dim=1)
     top, pos = torch.cat([best_s, s], 1).topk(k, dim=1)
     return top, torch.cat([best_i, i + offset], 1).gather(1, pos)
@@ -209,13 +233,18 @@ def knn_topk(
             q = F.normalize(queries.read(qs, qe, dev), dim=1)
             best_s = torch.full((qe - qs, k), -math.inf, device=dev)
             best_i = torch.full((qe - qs, k), -1, dtype=torch.long, device=dev)
-            for bs in range(0, n_train, bc):
-                be = min(bs + bc, n_train)
+            # The first bank chunk is small (its full top-k fills the running top-k cheaply); each next one is at
+            # most as large as what was seen, so in a shuffled bank about k/2 of its rows per query are
+            # expected above the running k-th best, and the sparse merge applies.
+            bs, step = 0, min(bc, max(2 * k, _FIRST_BANK_CHUNK))
+            while bs < n_train:
+                be = min(bs + step, n_train)
                 chunk = F.normalize(bank.read(bs, be, dev), dim=1)
                 sims = torch.mm(q, chunk.T, out=sims_buf[: (qe - qs) * (be - bs)].view(qe - qs, be - bs))
                 del chunk
                 mask = mask_buf[: sims.numel()].view(sims.shape)
                 best_s, best_i = _merge(best_s, best_i, sims, bs, k, bs >= k, mask)
+                bs, step = be, min(bc, be)
             all_sims[qs:qe] = best_s.cpu()
             all_idx[qs:qe] = best_i.cpu()
     finally:

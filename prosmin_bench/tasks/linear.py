@@ -6,6 +6,17 @@ batch / 256 (PROTOCOLS.md "Linear"). DINO reports its best epoch on val; here th
 held-out part of the training split (stratified, fixed by the seed), then the head is retrained on the whole
 training split for the fixed number of epochs and evaluated once on test. The trained head is cached and reused
 by the OOD and corruption tasks.
+
+Uncertainty vs error (issue 10), for models with a predictive distribution (ProSMin checkpoints of the pretraining
+module), with u_i = the mean predictive sigma of test image i over the K dimensions:
+
+- ``sigma_err_spearman``: Spearman rank correlation between u_i and the probe's per-sample error, the negative
+  log-likelihood -log p(y_i | x_i) of the true class (positive: sigma grows with the error);
+- ``sigma_misclf_auroc``: AUROC of u_i for telling the probe's misclassified test images (positive) from its
+  correct ones (Hendrycks & Gimpel, ICLR 2017, misclassification detection); 0.5 = sigma carries no signal.
+
+Both come from ``prosmin_bench.metrics.uncertainty``; a metric that is undefined for a run (a constant sigma for
+the correlation, a probe with no errors or no correct predictions for the AUROC) is left out with a warning.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
-from ..errors import CardError
+from ..errors import CardError, FeatureError
 from .base import Task, TaskContext, TaskOutput, register_kind
 
 log = logging.getLogger(__name__)
@@ -211,9 +222,43 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 
     return out
 
 
+#: Uncertainty-vs-error metrics of models with a predictive distribution (see the module docstring).
+SIGMA_ERROR_METRICS = ("sigma_err_spearman", "sigma_misclf_auroc")
+
+
+def sigma_error_metrics(uncertainty: np.ndarray, logits: np.ndarray,
+                        labels: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
+    """``sigma_err_spearman`` and ``sigma_misclf_auroc`` of a per-sample uncertainty [N] against a probe's logits
+    [N, C] on labels [N]; returns (metrics, extras). An undefined metric is left out (logged), never NaN."""
+    from scipy.special import logsumexp
+
+    from ..metrics import MetricArgumentError, misclassification_auroc, spearman_uncertainty_error
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+    nll = logsumexp(z, axis=1) - z[np.arange(len(y)), y]  # -log softmax(z)_y, without forming tiny probabilities
+    correct = z.argmax(axis=1) == y
+    out: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    for name, fn, target in (("sigma_err_spearman", spearman_uncertainty_error, nll),
+                             ("sigma_misclf_auroc", misclassification_auroc, correct)):
+        try:
+            out[name] = float(fn(uncertainty, target))
+        except MetricArgumentError as exc:  # undefined for this run: absent rather than a made-up number
+            skipped[name] = str(exc)
+            log.warning("%s left out: %s", name, exc)
+    about: dict[str, Any] = {"uncertainty": "mean predictive sigma", "error": "per-sample NLL of the true class",
+                             "n": int(len(y)), "n_misclassified": int((~correct).sum()),
+                             "sigma_mean": float(np.mean(uncertainty)) if len(y) else 0.0}
+    if skipped:
+        about["skipped"] = skipped
+    return out, about
+
+
 @register_kind("linear")
 class LinearTask(Task):
-    """Linear probe: ``top1``, ``top5`` (when C >= 5), ``nll``, ``ece`` on test; ``val_top1`` and ``lr`` chosen."""
+    """Linear probe: ``top1``, ``top5`` (when C >= 5), ``nll``, ``ece`` on test; ``val_top1`` and ``lr`` chosen;
+    ``sigma_err_spearman`` and ``sigma_misclf_auroc`` for models with a predictive distribution."""
 
     roles = ("train", "test")
     Params = LinearParams
@@ -228,7 +273,7 @@ class LinearTask(Task):
             raise CardError(f"Card {spec.card!r}: protocol fields 'epochs' and 'batch_size' must be >= 1")
 
     def metric_names(self) -> list[str]:
-        return ["top1", "top5", "nll", "ece", "val_top1", "lr"]
+        return ["top1", "top5", "nll", "ece", "val_top1", "lr", *SIGMA_ERROR_METRICS]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         p = self.params
@@ -236,8 +281,21 @@ class LinearTask(Task):
         train_labels = ctx.features(self.spec.datasets["train"], p.layer).labels
         c = int(max(np.max(train_labels), np.max(test.labels))) + 1
         head = fit_linear_probe(ctx, self.spec.datasets["train"], p, c)
-        probs = softmax(head.logits(test.features))
-        metrics = classification_metrics(probs, np.asarray(test.labels), p.n_bins)
+        logits = head.logits(test.features)
+        probs = softmax(logits)
+        labels = np.asarray(test.labels)
+        metrics = classification_metrics(probs, labels, p.n_bins)
         metrics["val_top1"] = head.val_top1
         metrics["lr"] = head.lr
-        return TaskOutput(metrics, {"reliability": reliability_bins(probs, np.asarray(test.labels), p.n_bins)})
+        extras: dict[str, Any] = {"reliability": reliability_bins(probs, labels, p.n_bins)}
+        if getattr(ctx.model, "has_predictive", False):
+            sigma = ctx.features(self.spec.datasets["test"], "predictive_sigma")
+            if not np.array_equal(np.asarray(sigma.labels), labels):
+                raise FeatureError(f"{self.spec.name}: the predictive features of the test set are not in the order "
+                                   "of its backbone features; clear the feature cache and run again")
+            from .ood import mean_sigma
+
+            found, about = sigma_error_metrics(mean_sigma(sigma.features), logits, labels)
+            metrics.update(found)
+            extras["sigma_vs_error"] = about
+        return TaskOutput(metrics, extras)

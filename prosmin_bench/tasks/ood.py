@@ -7,6 +7,22 @@ CVPR 2021) the ID set is the ImageNet val images of ImageNet-O's 200 classes and
 200 classes before the softmax (``id_classes``). Extra scores on the same restricted logits: max logit (Hendrycks
 et al., ICML 2022), energy (Liu et al., NeurIPS 2020), and the k-th nearest-neighbour distance to the training
 features (Sun et al., ICML 2022).
+
+For models with a predictive distribution (ProSMin checkpoints of the pretraining module: ``Backbone.predictive``
+gives a diagonal Gaussian N(mu, diag(sigma^2)) per image), two more scores use it directly (the paper attributes
+its OOD results, ProSMin, ICLR 2024, Table 5, to this probabilistic representation), each reported with the same
+four metrics:
+
+- ``sigma_*``: the mean predictive sigma over the K dimensions (higher = less confident; confidence = -mean sigma);
+- ``dispersion_*``: the expected pairwise distance E d(z_j, z_k), j != k, between r reparameterised samples
+  z_j = mu + sigma * eps_j, eps_j ~ N(0, I) (the energy score's dispersion term, ``pretrain/losses.py``), with
+  confidence = -dispersion. ``d`` is ``predictive_distance``: "l1" (mean absolute difference over K, the released
+  code's ``F.l1_loss`` and the paper's best row, Table 3) or "l2" (Euclidean). The noise is drawn from a generator
+  seeded by the task seed. mu cancels in z_j - z_k, so the score is a Monte-Carlo estimate of a function of sigma
+  alone (for "l1" its expectation is 2 / sqrt(pi) * mean sigma): it differs from ``sigma_*`` by the sampling noise
+  that r samples leave, which is what the loss sees during training.
+
+Models without a predictive head report neither (absent, not NaN).
 """
 
 from __future__ import annotations
@@ -19,7 +35,7 @@ import numpy as np
 
 from ..data.folder import read_lines
 from ..data.subsets import resolve_split_file
-from ..errors import CardError, DataError
+from ..errors import CardError, DataError, FeatureError, ProsminBenchError
 from .base import Task, TaskContext, TaskOutput, register_kind
 from .lowshot import labelled_subset
 from .shared_head import shared_linear_head
@@ -27,6 +43,15 @@ from .shared_head import shared_linear_head
 log = logging.getLogger(__name__)
 
 SCORES = ("msp", "maxlogit", "energy", "knn")
+#: Scores from the predictive distribution, reported only for models that have one.
+PREDICTIVE_SCORES = ("sigma", "dispersion")
+#: ``predictive_distance`` values: the distances of ProSMin's energy score (``pretrain/losses.py`` DISTANCES).
+DISPERSION_DISTANCES = ("l1", "l2")
+#: Rows whose r samples are drawn at once: [rows, r, K] float64 is 1.5 GB at K = 12000 with 4096 rows; 256 keeps
+#: the working set near 100 MB.
+_DISPERSION_CHUNK = 256
+#: Offsets of ``ctx.rng`` for the ID and OOD noise (independent streams, fixed by the seed).
+_RNG_ID, _RNG_OOD = 21, 22
 
 
 @dataclass(frozen=True)
@@ -38,6 +63,9 @@ class OODParams:
     knn_subset_file: str = ""  # train bank for the k-NN score, e.g. SimCLR's 1% file (Sun et al.'s alpha = 1%)
     energy_temperature: float = 1.0  # Liu et al. 2020: T = 1
     hist_bins: int = 20  # histogram of MSP confidences in the extras (plots)
+    predictive: bool = True  # also score the predictive distribution (sigma, dispersion) when the model has one
+    predictive_samples: int = 4  # r: ProSMin paper and released code draw r = 4 samples per image
+    predictive_distance: str = "l1"  # paper Table 3 best row "Energy (L1 loss)"; released code F.l1_loss
 
 
 def _histogram(values: np.ndarray, bins: int) -> dict[str, Any]:
@@ -45,6 +73,12 @@ def _histogram(values: np.ndarray, bins: int) -> dict[str, Any]:
     q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist() if len(values) else []
     return {"edges": edges.tolist(), "counts": counts.tolist(),
             "quantiles": dict(zip(["5", "25", "50", "75", "95"], q))}
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    """5/25/50/75/95% quantiles of a per-sample score (for the extras)."""
+    q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist() if len(values) else []
+    return dict(zip(["5", "25", "50", "75", "95"], q))
 
 
 def class_indices(names_file: str, class_names: list[str], data_root: Any) -> np.ndarray:
@@ -57,10 +91,62 @@ def class_indices(names_file: str, class_names: list[str], data_root: Any) -> np
     return np.array([pos[w] for w in wanted], dtype=np.int64)
 
 
+def _row_chunks(n: int, rows: np.ndarray | None, chunk: int) -> list[Any]:
+    """Row selections of ``chunk`` rows each: slices of range(n), or pieces of the sorted index array ``rows``."""
+    if rows is None:
+        return [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    return [rows[s : s + chunk] for s in range(0, len(rows), chunk)]
+
+
+def mean_sigma(sigma: Any, rows: np.ndarray | None = None) -> np.ndarray:
+    """Per-sample mean predictive sigma over K: sigma [N, K] (possibly memory-mapped; only ``rows``, sorted, when
+    given) -> [N or len(rows)] float64, read in chunks."""
+    parts = [np.asarray(sigma[sel], dtype=np.float64).mean(axis=1)
+             for sel in _row_chunks(int(sigma.shape[0]), rows, 4096)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def predictive_dispersion(mu: Any, sigma: Any, *, r: int, distance: str, rng: np.random.Generator,
+                          rows: np.ndarray | None = None, chunk: int = _DISPERSION_CHUNK) -> np.ndarray:
+    """Per-sample expected pairwise distance between r samples of N(mu, diag(sigma^2)).
+
+    mu, sigma [N, K] (possibly memory-mapped; only ``rows``, sorted, when given); ``rng`` draws eps [n, r, K] in
+    row order, so the result does not depend on ``chunk``. Returns [n] float64: the mean over the r (r - 1) / 2
+    pairs j < k (equal to the mean over j != k) of d(z_j, z_k) with z_j = mu + sigma * eps_j; d = mean |.| over
+    K ("l1") or ||.||_2 ("l2"), as the energy score's sample-sample term (ProSMin, ICLR 2024, Eq. 2;
+    ``pretrain/losses.py``).
+    """
+    import torch
+
+    if distance not in DISPERSION_DISTANCES:
+        raise ProsminBenchError(f"Expected distance 'l1' or 'l2', but got {distance!r}")
+    if r < 2:
+        raise ProsminBenchError(f"Expected r >= 2 samples (a pairwise distance needs two), but got {r}")
+    if tuple(mu.shape) != tuple(sigma.shape):
+        raise FeatureError(
+            f"Expected mu and sigma of the same shape, but got {tuple(mu.shape)} and {tuple(sigma.shape)}"
+        )
+    k = int(mu.shape[1])
+    a, b = torch.triu_indices(r, r, offset=1)
+    p = 1.0 if distance == "l1" else 2.0
+    parts = []
+    for sel in _row_chunks(int(mu.shape[0]), rows, chunk):
+        m = torch.from_numpy(np.asarray(mu[sel], dtype=np.float64))
+        sd = torch.from_numpy(np.asarray(sigma[sel], dtype=np.float64))
+        eps = torch.from_numpy(rng.standard_normal((len(m), r, k)))
+        z = m[:, None, :] + sd[:, None, :] * eps  # [c, r, K]
+        d = torch.cdist(z, z, p=p, compute_mode="donot_use_mm_for_euclid_dist")[:, a, b]  # [c, r (r - 1) / 2]
+        if distance == "l1":
+            d = d / k  # mean absolute difference, as F.l1_loss
+        parts.append(d.mean(dim=1).numpy())
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
 @register_kind("ood")
 class OODTask(Task):
     """OOD detection: ``auroc`` (MSP, main), ``aupr_in``, ``aupr_out``, ``fpr95``; the same four for
-    ``maxlogit_*``, ``energy_*``, ``knn_*``; ``id_top1`` of the (restricted) head on the ID set."""
+    ``maxlogit_*``, ``energy_*``, ``knn_*`` and, for models with a predictive distribution, ``sigma_*`` and
+    ``dispersion_*``; ``id_top1`` of the (restricted) head on the ID set."""
 
     roles = ("train", "test", "ood")
     Params = OODParams
@@ -71,10 +157,20 @@ class OODTask(Task):
             raise CardError(f"Card {spec.card!r}: protocol field 'head_task' must name a linear task")
         if params.knn_k < 1 or params.hist_bins < 1 or not params.energy_temperature > 0:
             raise CardError(f"Card {spec.card!r}: 'knn_k' and 'hist_bins' must be >= 1, 'energy_temperature' > 0")
+        if not isinstance(params.predictive, bool):
+            raise CardError(f"Card {spec.card!r}: protocol field 'predictive' must be true or false")
+        r = params.predictive_samples
+        if not isinstance(r, int) or isinstance(r, bool) or r < 2:
+            raise CardError(f"Card {spec.card!r}: protocol field 'predictive_samples' must be an integer >= 2 "
+                            f"(a pairwise distance needs two samples), but got {r!r}")
+        if params.predictive_distance not in DISPERSION_DISTANCES:
+            raise CardError(f"Card {spec.card!r}: protocol field 'predictive_distance' must be 'l1' or 'l2', but "
+                            f"got {params.predictive_distance!r}")
 
     def metric_names(self) -> list[str]:
         four = ("auroc", "aupr_in", "aupr_out", "fpr95")
-        return list(four) + [f"{s}_{m}" for s in SCORES[1:] for m in four] + ["id_top1"]
+        names = list(four) + [f"{s}_{m}" for s in SCORES[1:] for m in four] + ["id_top1"]
+        return names + [f"{s}_{m}" for s in PREDICTIVE_SCORES for m in four]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         from ..metrics import (
@@ -116,6 +212,9 @@ class OODTask(Task):
         ood_knn = np.asarray(ctx.features(ds["ood"], p.knn_layer).features)
         k = min(p.knn_k, len(bank_x))
         conf["knn"] = (knn_distance_confidence(bank_x, id_knn, k=k), knn_distance_confidence(bank_x, ood_knn, k=k))
+        predictive = p.predictive and bool(getattr(ctx.model, "has_predictive", False))
+        if predictive:
+            conf.update(self._predictive_confidences(ctx, keep))
         metrics: dict[str, float] = {}
         for name, (c_id, c_ood) in conf.items():
             prefix = "" if name == "msp" else f"{name}_"
@@ -131,4 +230,22 @@ class OODTask(Task):
                      "classes": int(len(classes))},
             "knn_k": k,
         }
+        if predictive:
+            extras["predictive"] = {
+                "r": p.predictive_samples, "distance": p.predictive_distance, "noise_seed": ctx.seed,
+                "sigma_quantiles": {"id": _quantiles(-conf["sigma"][0]), "ood": _quantiles(-conf["sigma"][1])},
+            }
         return TaskOutput(metrics, extras)
+
+    def _predictive_confidences(self, ctx: TaskContext, keep: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(ID, OOD) confidences -mean sigma and -dispersion from the cached predictive layers; ID rows ``keep``."""
+        p = self.params
+        ds = self.spec.datasets
+        sigma_c, disp_c = [], []
+        for role, rows, offset in (("test", keep, _RNG_ID), ("ood", None, _RNG_OOD)):
+            sigma = ctx.features(ds[role], "predictive_sigma")
+            mu = ctx.features(ds[role], "predictive_mu")
+            sigma_c.append(-mean_sigma(sigma.features, rows))
+            disp_c.append(-predictive_dispersion(mu.features, sigma.features, r=p.predictive_samples,
+                                                 distance=p.predictive_distance, rng=ctx.rng(offset), rows=rows))
+        return {"sigma": (sigma_c[0], sigma_c[1]), "dispersion": (disp_c[0], disp_c[1])}

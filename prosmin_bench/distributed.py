@@ -1,0 +1,229 @@
+"""Everything that touches ``torch.distributed`` (nanoGPT keeps DDP in one place; so does this suite).
+
+Processes are started by ``torchrun`` (or ``python -m torch.distributed.run``), which sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; multi-node runs use torchrun's usual
+``--nnodes/--node_rank/--rdzv_*`` options. :func:`init_from_env` joins the process group (NCCL when the process
+has a CUDA device, gloo otherwise). Without those variables every helper here is the single-process identity,
+so library code calls them unconditionally.
+
+Used by pretraining (gradient synchronisation, centres, checkpoint writes by rank 0) and by distributed feature
+extraction (:func:`shard_indices` + :func:`all_gather_varlen` put features back in sample order).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .errors import ProsminBenchError
+
+log = logging.getLogger(__name__)
+
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(ProsminBenchError):
+    """A distributed launch that is misconfigured (missing torchrun variables, unavailable backend)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None  # None when not distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun's variables say this is one of several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str | torch.device | None = None, *, backend: str | None = None,
+                  timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group described by torchrun's environment variables (idempotent).
+
+    Args:
+        device: the device this process will compute on; ``"cuda"``/``"auto"`` with a GPU pick NCCL and bind
+            the process to ``cuda:LOCAL_RANK``, anything else gloo.
+        backend: force a backend (``"gloo"`` or ``"nccl"``).
+    Returns:
+        :class:`DistInfo` (rank 0 of 1 with ``backend=None`` when not launched distributed).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return info()
+    if not launched_by_torchrun():
+        return DistInfo(0, 1, 0, None)
+    missing = [k for k in _ENV_KEYS if k not in os.environ]
+    if missing:
+        raise DistributedError(
+            f"WORLD_SIZE > 1 but torchrun variables {missing} are unset; launch with "
+            "`torchrun --nproc_per_node=N -m prosmin_bench pretrain ...`"
+        )
+    if not dist.is_available():
+        raise DistributedError("This PyTorch build has no torch.distributed; run with a single process")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    dev = str(device) if device is not None else "auto"
+    use_cuda = torch.cuda.is_available() and (dev == "auto" or dev.startswith("cuda"))
+    if backend is None:
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise DistributedError("The NCCL backend needs CUDA devices; use gloo on CPU")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    i = info()
+    log.info("joined process group: rank %d of %d (local rank %d, %s)", i.rank, i.world_size, i.local_rank, backend)
+    return i
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def info() -> DistInfo:
+    if not is_initialized():
+        return DistInfo(0, 1, 0, None)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                    str(dist.get_backend()))
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in single-process runs): the only process that writes files."""
+    return rank() == 0
+
+
+def process_device(device: str | torch.device) -> torch.device:
+    """The device for this process: ``"auto"`` = CUDA (``cuda:LOCAL_RANK`` under torchrun) when available,
+    else CPU; an explicit ``"cuda"`` becomes ``cuda:LOCAL_RANK``."""
+    dev = str(device)
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        return torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
+    return torch.device(dev)
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Leave the process group (end of a torchrun job)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over processes (a new tensor; ``t`` itself is unchanged)."""
+    out = t.detach().clone()
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over processes (a new tensor)."""
+    n = world_size()
+    out = all_reduce_sum(t)
+    return out / n if n > 1 else out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every process (picklable objects)."""
+    if not is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """One picklable object from every process, in rank order."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors [n_rank, ...] from all processes along dim 0, in rank order; n_rank may differ."""
+    if not is_initialized() or world_size() == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    pad = max(counts)
+    buf = t.new_zeros((pad, *t.shape[1:]))
+    buf[: t.shape[0]] = t
+    parts = [torch.empty_like(buf) for _ in counts]
+    dist.all_gather(parts, buf.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def shard_indices(n: int, rank: int | None = None, world: int | None = None) -> range:
+    """Contiguous shard ``rank`` of ``range(n)`` for ``world`` processes; shards cover every index exactly once
+    (sizes differ by at most one), so concatenating them in rank order gives ``range(n)`` back."""
+    rank = globals()["rank"]() if rank is None else rank
+    world = world_size() if world is None else world
+    if world < 1 or not 0 <= rank < world:
+        raise DistributedError(f"Expected 0 <= rank < world >= 1, but got rank={rank}, world={world}")
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def gather_in_order(local: torch.Tensor, n: int) -> torch.Tensor:
+    """All-gather per-rank results computed on :func:`shard_indices` shards back into sample order [n, ...]."""
+    out = all_gather_varlen(local)
+    if out.shape[0] != n:
+        raise DistributedError(f"Gathered {out.shape[0]} rows for {n} samples; shards were not shard_indices(n)")
+    return out
+
+
+def wrap_ddp(module: nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> nn.Module:
+    """``DistributedDataParallel(module)`` when distributed, else ``module``. Buffers are not broadcast (the
+    pretraining methods all-reduce their statistics themselves); BatchNorm layers become SyncBatchNorm."""
+    if not is_initialized() or world_size() == 1:
+        return module
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters
+    )
+
+
+def distributed_sampler(dataset: Sequence[Any] | torch.utils.data.Dataset, *, seed: int, shuffle: bool = True,
+                        drop_last: bool = True) -> torch.utils.data.distributed.DistributedSampler:
+    """A ``DistributedSampler`` over this process's share (call ``set_epoch`` every epoch)."""
+    return torch.utils.data.distributed.DistributedSampler(
+        dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=drop_last
+    )

@@ -1,0 +1,60 @@
+"""Pretraining: ProSMin (and the baselines' methods) with multi-crop augmentation, DDP and resumable checkpoints.
+
+``pretrain(recipe, ...)`` is the one library call behind ``prosmin-bench pretrain`` and
+``torchrun -m prosmin_bench pretrain``; recipes are in ``recipes.py``, methods in ``methods/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import PretrainConfig, apply_overrides
+from .recipes import RECIPES, Recipe, get_recipe
+
+
+def resolve_config(recipe: str, *, epochs: int | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """The recipe's config with ``--epochs`` and ``--set key=value`` overrides applied."""
+    from .config import ConfigError
+
+    cfg = get_recipe(recipe).config
+    if epochs is not None:
+        if int(epochs) < 1:
+            raise ConfigError(f"Expected --epochs to be a positive integer, but got {epochs}")
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=int(epochs)))
+    return apply_overrides(cfg, overrides)
+
+
+def pretrain(recipe: str, *, epochs: int | None = None, out_dir: str | os.PathLike | None = None,
+             resume: bool = False, device: str = "auto", overrides: dict[str, Any] | None = None) -> Path:
+    """Pretrain with ``recipe``; returns the final checkpoint path.
+
+    Args:
+        recipe: a name in ``RECIPES`` (``prosmin_micro``, ``prosmin_vits16_in1k``, ...).
+        epochs: overrides the recipe's epochs (schedules span the new length).
+        out_dir: folder for ``checkpoint.pt`` and ``log.jsonl``; default
+            ``<PROSMIN_BENCH_HOME>/checkpoints/<recipe>/``.
+        resume: continue the checkpoint in ``out_dir`` exactly where it stopped (same config required).
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        overrides: dotted config keys, e.g. ``{"optim.lr": 1e-3, "method.lam": 0.3, "run.max_steps": 10}``.
+
+    Under ``torchrun`` every process calls this; they join one process group (gloo on CPU, NCCL on GPU) and only
+    rank 0 writes.
+    """
+    from .. import distributed
+    from ..models.weights import recipe_checkpoint_path
+    from .train import run_pretraining
+
+    cfg = resolve_config(recipe, epochs=epochs, overrides=overrides)
+    folder = Path(out_dir) if out_dir is not None else recipe_checkpoint_path(cfg.recipe).parent
+    joined_here = not distributed.is_initialized()
+    try:
+        return run_pretraining(cfg, folder, resume=resume, device=device)
+    finally:
+        if joined_here:  # leave a process group this call joined (torchrun); one the caller set up stays
+            distributed.destroy()
+
+
+__all__ = ["RECIPES", "PretrainConfig", "Recipe", "apply_overrides", "get_recipe", "pretrain", "resolve_config"]

@@ -1,0 +1,86 @@
+"""Pretraining checkpoints: one dict, saved atomically, loadable with ``torch.load(weights_only=True)``.
+
+Keys (``models/converters.py`` reads ``format``, ``target``): ``format`` = ``"prosmin-bench/pretrain"``,
+``format_version``, ``recipe``, ``method``, ``arch``, ``arch_kwargs``, ``config`` (the full typed config as a
+plain dict), ``step`` (optimiser steps done), ``total_steps``, ``steps_per_epoch``, ``epoch``, ``finished``,
+``target`` (EMA network state dict: ``backbone.*``, ``head.*``), ``online`` (``backbone.*``, ``head.*``,
+``predictor.*``), ``method_state`` (e.g. ProSMin's ``center``), ``optimizer``, ``scaler``, ``schedules`` (the
+step and the lr / weight decay / momentum used at the last step), ``rng`` (every process's generator states,
+in rank order), ``world_size``, ``versions``. Only tensors, plain containers, numbers, strings and None.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import WeightsError
+
+FORMAT = "prosmin-bench/pretrain"  # models/converters.py PRETRAIN_FORMAT
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states: torch CPU, CUDA (all devices), Python ``random``."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    version, internal, gauss = random.getstate()
+    state["python"] = [version, list(internal), gauss]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it: a crash mid-write never
+    leaves a truncated checkpoint, and the previous one stays until the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a pretraining checkpoint on CPU with ``weights_only=True``; raise WeightsError if it is not one."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"Checkpoint {str(path)!r} does not exist") from None
+    except Exception as exc:  # truncated, not a torch file, unsafe pickle
+        raise WeightsError(
+            f"Checkpoint {str(path)!r} is truncated or not a prosmin-bench pretraining checkpoint "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+        ) from None
+    check_format(ckpt, str(path))
+    return ckpt
+
+
+def check_format(ckpt: Any, source: str = "checkpoint") -> None:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise WeightsError(f"{source} is not a prosmin-bench pretraining checkpoint (no format={FORMAT!r})")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(
+            f"{source} has format_version {ckpt.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )

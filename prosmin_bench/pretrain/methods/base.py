@@ -1,0 +1,257 @@
+"""The interface between a pretraining method and the shared training loop (``pretrain/train.py``).
+
+A method is an ``nn.Module`` registered in ``METHODS`` (``methods/__init__.py``) under its name, with a typed
+config dataclass ``config_class`` (a subclass of :class:`MethodConfig`). The loop:
+
+1. builds it: ``method = cls(cfg.method_config, backbone_factory=factory, crops=cfg.crops)`` where
+   ``factory(drop_path_rate)`` returns a fresh backbone (the subclass calls ``super().__init__(config,
+   crops=crops)``, builds ``self.online`` / ``self.target``, then ``self.init_target_from_online()``);
+2. per step, under autocast, calls ``loss, logs = model(batch, progress)`` where ``model`` is the method itself
+   or its DDP wrapper (DDP wraps the whole method; only parameters with ``requires_grad`` are synchronised, so
+   the target, which has none, is never all-reduced);
+3. backward, ``method.before_optimizer_step(progress)`` (e.g. cancel last-layer gradients), gradient clipping,
+   optimiser step;
+4. ``method.update_target(momentum)`` with the momentum of the cosine schedule
+   ``config.momentum_start -> config.momentum_end`` (skipped for methods without a target);
+5. checkpoints ``method.online.state_dict()``, ``method.target.state_dict()`` and ``method.extra_state()``.
+
+Contract for subclasses:
+
+- ``self.online``: the trained network, an ``nn.Module`` whose children are named ``backbone`` (the ViT), then
+  e.g. ``head`` and ``predictor``; its state dict is the checkpoint's ``"online"``.
+- ``self.target``: the EMA network (``backbone``, ``head``) with ``requires_grad=False`` everywhere, or ``None``
+  for methods without one; its state dict is the checkpoint's ``"target"`` and its ``backbone`` is what the
+  model registry evaluates (``target_backbone()``). Methods without a target evaluate ``online.backbone``.
+- ``forward(batch, progress) -> (loss, logs)``: ``loss`` a scalar float32 tensor, averaged over the local batch
+  (so DDP's gradient averaging equals the gradient of the global-batch loss); ``logs`` a flat dict of floats
+  or 0-d tensors (the loop converts them and writes them to the JSONL log: use short names such as ``s1``).
+  Cross-process statistics (centres, batch means) go through ``prosmin_bench.distributed`` only.
+- ``extra_state()`` / ``load_extra_state(state)``: everything besides parameters that a resume needs
+  (centres, queues...), as a dict of tensors. Buffers registered on the method are included automatically.
+- ``param_groups()``: AdamW groups; the default follows DINO's ``get_params_groups`` (no weight decay for
+  biases and 1-D parameters). The loop sets each group's ``lr`` and, where ``apply_wd`` is true, ``weight_decay``.
+- ``before_optimizer_step(progress)``: hook between backward and the optimiser step (gradient surgery such as
+  DINO's freezing of the last layer during the first epochs).
+- ``predictive_module()``: for probabilistic methods, a module mapping images to ``(mu, sigma)`` through the
+  online network (``None`` otherwise).
+
+Randomness that belongs to an image (noise samples, masks) should be drawn from ``batch.rng`` (per-image
+generators; see ``pretrain/rng.py``), so results do not depend on how the global batch is split over
+processes or on resumption.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ...registry import Registry
+from ..config import ConfigError, MultiCropConfig
+from ..rng import SampleRNG
+
+#: Method classes by name; a method module registers its class with ``@METHODS.register("name")``.
+METHODS: Registry[type["PretrainMethod"]] = Registry("pretraining method", "prosmin-bench list methods")
+
+#: ``backbone_factory(drop_path_rate) -> nn.Module``: a fresh backbone of the recipe's architecture; forward
+#: maps images [N, 3, H, W] to features [N, embed_dim] and ``module.num_features`` is embed_dim (timm's ViT).
+BackboneFactory = Callable[[float], nn.Module]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Knobs shared by every method; subclasses add their own (each default with its source).
+
+    ``momentum_start``/``momentum_end``: EMA momentum of the target, cosine schedule from start to end over the
+    whole run (DINO ``cosine_scheduler``); ignored by methods without a target.
+    ``drop_path_rate``: stochastic depth of the online backbone (paper / DINO: 0.1); the target has none.
+    """
+
+    momentum_start: float = 0.996
+    momentum_end: float = 1.0
+    drop_path_rate: float = 0.1
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the run is: ``step`` (0-based global optimiser step), ``total_steps``, ``steps_per_epoch``."""
+
+    step: int
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    @property
+    def epoch_float(self) -> float:
+        """Fractional epoch, for schedules defined in epochs (teacher temperature warm-up, last-layer freeze)."""
+        return self.step / self.steps_per_epoch
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of training done, in [0, 1)."""
+        return self.step / max(self.total_steps, 1)
+
+
+@dataclass
+class MultiCropBatch:
+    """One process's share of a step: views of the same ``b`` images.
+
+    ``global_views``: ``crops.global_crops`` tensors [b, 3, Hg, Wg] (the views the target sees);
+    ``local_views``: ``crops.local_crops`` tensors [b, 3, Hl, Wl] (may be empty);
+    ``indices``: dataset indices [b]; ``rng``: per-image random draws for this step's epoch.
+    """
+
+    global_views: list[torch.Tensor]
+    local_views: list[torch.Tensor]
+    indices: torch.Tensor
+    rng: SampleRNG
+
+    @property
+    def views(self) -> list[torch.Tensor]:
+        return [*self.global_views, *self.local_views]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.global_views[0].shape[0])
+
+
+class PretrainMethod(nn.Module):
+    """Base class of pretraining methods (see the module docstring for the contract)."""
+
+    #: registry name, also written to the checkpoint's ``"method"``.
+    name: ClassVar[str] = ""
+    #: the typed config of this method.
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: whether the method needs local crops / at least this many global crops (checked against the recipe).
+    min_global_crops: ClassVar[int] = 2
+    uses_local_crops: ClassVar[bool] = True
+    #: DDP ``find_unused_parameters`` (True only if some online parameters can miss the graph in a step).
+    has_unused_parameters: ClassVar[bool] = False
+
+    online: nn.Module
+    target: nn.Module | None
+
+    def __init__(self, config: MethodConfig, *, crops: MultiCropConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"Expected a {self.config_class.__name__} for method {self.name!r}, but got {type(config).__name__}"
+            )
+        if crops.global_crops < self.min_global_crops:
+            raise ConfigError(
+                f"Method {self.name!r} needs at least {self.min_global_crops} global crops, but the recipe sets "
+                f"crops.global_crops={crops.global_crops}"
+            )
+        if crops.local_crops and not self.uses_local_crops:
+            raise ConfigError(
+                f"Method {self.name!r} uses no local crops, but the recipe sets crops.local_crops="
+                f"{crops.local_crops}; set crops.local_crops=0"
+            )
+        self.config = config
+        self.crops = crops
+        self._ema_pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, batch: MultiCropBatch, progress: Progress) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------- target
+    def target_backbone(self) -> nn.Module:
+        """The backbone that is evaluated: the EMA target's when there is one (as DINO evaluates its teacher)."""
+        return (self.target if self.target is not None else self.online).backbone
+
+    def init_target_from_online(self) -> None:
+        """Copy the online weights into the target (same names) and freeze the target."""
+        if self.target is None:
+            return
+        online = dict(self.online.named_parameters())
+        for name, p in self.target.named_parameters():
+            if name not in online:
+                raise RuntimeError(f"target parameter {name!r} has no online counterpart")
+            with torch.no_grad():
+                p.copy_(online[name].detach())
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """EMA: xi <- m * xi + (1 - m) * theta over the target's parameters (matched to the online by name)."""
+        if self.target is None:
+            return
+        if self._ema_pairs is None:
+            online = dict(self.online.named_parameters())
+            self._ema_pairs = [(p, online[n]) for n, p in self.target.named_parameters()]
+        tgt = [t for t, _ in self._ema_pairs]
+        src = [s.detach() for _, s in self._ema_pairs]
+        torch._foreach_lerp_(tgt, src, 1.0 - float(momentum))
+
+    def momentum_at(self, progress: Progress) -> float:
+        """Cosine momentum schedule from ``momentum_start`` (step 0) to ``momentum_end`` (last step)."""
+        c = self.config
+        return c.momentum_end + 0.5 * (c.momentum_start - c.momentum_end) * (
+            1.0 + math.cos(math.pi * progress.step / max(progress.total_steps, 1))
+        )
+
+    # ------------------------------------------------------------------------------------------- optimiser
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for n, p in self.online.named_parameters():
+            if p.requires_grad:
+                yield n, p
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """DINO ``get_params_groups``: no weight decay on biases and 1-D parameters (norms); ``apply_wd`` marks
+        the group whose weight decay follows the schedule."""
+        decay, no_decay = [], []
+        for n, p in self.trainable_named_parameters():
+            (no_decay if n.endswith(".bias") or p.ndim == 1 else decay).append(p)
+        groups = [{"params": decay, "apply_wd": True}]
+        if no_decay:
+            groups.append({"params": no_decay, "apply_wd": False, "weight_decay": 0.0})
+        return groups
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        """Hook between backward and the optimiser step; default does nothing."""
+
+    # ---------------------------------------------------------------------------------------------- state
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Non-parameter state a resume needs; default: the method's own buffers (not those inside networks)."""
+        return {n: b.detach().clone() for n, b in self.named_buffers(recurse=False)}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_buffers(recurse=False))
+        if set(own) != set(state):
+            raise RuntimeError(f"extra state keys {sorted(state)} do not match the method's {sorted(own)}")
+        with torch.no_grad():
+            for n, b in own.items():
+                b.copy_(state[n])
+
+    def predictive_module(self) -> nn.Module | None:
+        """``images -> (mu, sigma)`` for probabilistic methods; ``None`` otherwise."""
+        return None
+
+
+def build_backbone_factory(arch: str, arch_kwargs: dict[str, Any]) -> BackboneFactory:
+    """``factory(drop_path_rate)`` building ``arch`` with ``arch_kwargs`` (its own drop_path_rate replaced)."""
+    from ...models.architectures import build_architecture
+
+    def factory(drop_path_rate: float) -> nn.Module:
+        kwargs = dict(arch_kwargs)
+        kwargs["drop_path_rate"] = drop_path_rate
+        return build_architecture(arch, **kwargs)
+
+    return factory
+
+
+def embed_dim_of(backbone: nn.Module) -> int:
+    """Feature width of a timm backbone (``num_features``; ``embed_dim`` as a fallback)."""
+    for attr in ("num_features", "embed_dim"):
+        value = getattr(backbone, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"Cannot tell the feature width of {type(backbone).__name__}: no num_features/embed_dim")

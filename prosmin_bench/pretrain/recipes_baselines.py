@@ -1,0 +1,127 @@
+"""Pretraining recipes of the baselines: DINO, iBOT and MoCo-v3, at ImageNet scale with their papers' values and at
+the mini scale with the same data, crops, epochs, batch and optimiser as ``prosmin_micro``.
+
+The micro recipes are derived from ``prosmin_micro``'s config when this module is imported, so the four micro
+models always share data, augmentation (MoCo-v3 takes the same two global views and no local crops: it is a
+two-view method), epochs, batch size and optimiser schedule; only each method's own knobs differ, tuned here for
+the 32-px digits (see each recipe's comments for why, and ``benchmarks/bench_methods.py`` for step times).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import DataConfig, MultiCropConfig, OptimConfig, PretrainConfig, RunConfig
+from .methods.dino import DINOConfig
+from .methods.ibot import IBOTConfig
+from .methods.mocov3 import MoCoV3Config
+from .recipes import RECIPES, Recipe, register_recipe
+
+# ------------------------------------------------------------------------------------------ ImageNet scale
+#: DINO / iBOT multi-crop on ImageNet: 2 global 224-px views and 10 local 96-px views (DINO paper Sec. 4.2 /
+#: Table 9 "2x224 + 10x96", the setting of the released ViT-S/16; iBOT README ViT-S/16 --local_crops_number 10).
+_VIT_S = {"drop_path_rate": 0.1, "dynamic_img_size": True}  # dynamic size: 96-px local crops (pos. embed. resampled)
+
+register_recipe(Recipe(
+    name="dino_vits16_in1k",
+    scale="imagenet",
+    description="DINO ViT-S/16, ImageNet-1k, 800 epochs, batch 1024 (the released dino_deitsmall16 setting)",
+    config=PretrainConfig(
+        recipe="dino_vits16_in1k",
+        method="dino",
+        arch="vit_small_patch16",
+        arch_kwargs=dict(_VIT_S),
+        method_config=DINOConfig(
+            out_dim=65536,  # main_dino.py --out_dim (paper)
+            norm_last_layer=False,  # README "Boosting DINO performance" for ViT-S
+            teacher_temp=0.07, teacher_temp_warmup_epochs=30,  # README "Boosting DINO performance"
+        ),
+        data=DataConfig(dataset="imagenet", num_workers=10),  # main_dino.py --num_workers 10
+        crops=MultiCropConfig(backend="pil", local_crops=10),  # scales 0.4-1 / 0.05-0.4: main_dino.py defaults
+        optim=OptimConfig(epochs=800, batch_size=1024, lr=0.0005, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04,
+                          weight_decay_end=0.4, clip_grad=3.0, freeze_last_layer_epochs=1),  # main_dino.py defaults
+        run=RunConfig(checkpoint_every_steps=1250),  # ~1 epoch at batch 1024
+    ),
+))
+
+register_recipe(Recipe(
+    name="ibot_vits16_in1k",
+    scale="imagenet",
+    description="iBOT ViT-S/16, ImageNet-1k, 800 epochs, batch 1024 (iBOT README ViT-S/16 command)",
+    config=PretrainConfig(
+        recipe="ibot_vits16_in1k",
+        method="ibot",
+        arch="vit_small_patch16",
+        arch_kwargs=dict(_VIT_S),
+        method_config=IBOTConfig(  # iBOT README, ViT-S/16 800 epochs
+            out_dim=8192, patch_out_dim=8192, shared_head=True, shared_head_teacher=True, norm_last_layer=False,
+            teacher_temp=0.07, teacher_temp_warmup_epochs=30, pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2),
+        ),
+        data=DataConfig(dataset="imagenet", num_workers=10),  # main_ibot.py --num_workers 10
+        crops=MultiCropConfig(backend="pil", global_scale=(0.25, 1.0), local_crops=10, local_scale=(0.05, 0.25)),
+        optim=OptimConfig(epochs=800, batch_size=1024, lr=0.0005, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04,
+                          weight_decay_end=0.4, clip_grad=3.0, freeze_last_layer_epochs=1),  # main_ibot.py defaults
+        run=RunConfig(checkpoint_every_steps=1250),
+    ),
+))
+
+register_recipe(Recipe(
+    name="mocov3_vits16_in1k",
+    scale="imagenet",
+    description="MoCo-v3 ViT-S/16 (12 heads), ImageNet-1k, 300 epochs, batch 4096 (CONFIG.md ViT-Small)",
+    config=PretrainConfig(
+        recipe="mocov3_vits16_in1k",
+        method="mocov3",
+        arch="vit_small_patch16",
+        # MoCo-v3's vits.vit_small: 12 heads, no drop path
+        arch_kwargs={"num_heads": 12, "drop_path_rate": 0.0},
+        method_config=MoCoV3Config(temperature=0.2, momentum_start=0.99, stop_grad_conv1=True),  # CONFIG.md
+        data=DataConfig(dataset="imagenet", num_workers=32),  # main_moco.py -j 32
+        # main_moco.py: BYOL's augmentation, RandomResizedCrop(224, scale=(crop_min, 1)), --crop-min 0.08 for ViTs
+        # (CONFIG.md sets 0.2 for ResNets only); blur 1.0 / 0.1, solarize 0.2 on the second view
+        crops=MultiCropConfig(backend="pil", global_crops=2, global_scale=(0.08, 1.0), local_crops=0),
+        # CONFIG.md: --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=300 --warmup-epochs=40, batch 4096;
+        # main_moco.py: constant weight decay, cosine lr to 0, no gradient clipping
+        optim=OptimConfig(epochs=300, batch_size=4096, lr=1.5e-4, min_lr=0.0, warmup_epochs=40, weight_decay=0.1,
+                          weight_decay_end=0.1, clip_grad=0.0, freeze_last_layer_epochs=0.0),
+        run=RunConfig(checkpoint_every_steps=313),  # ~1 epoch at batch 4096
+    ),
+))
+
+
+# ---------------------------------------------------------------------------------------------- mini scale
+def _micro(name: str, method: str, method_config, description: str, **crops_changes) -> Recipe:
+    """``prosmin_micro``'s data, crops, epochs, batch and optimiser with another method."""
+    base = RECIPES.get("prosmin_micro").config
+    crops = dataclasses.replace(base.crops, **crops_changes) if crops_changes else base.crops
+    cfg = dataclasses.replace(base, recipe=name, method=method, method_config=method_config, crops=crops)
+    return Recipe(name=name, scale="mini", config=cfg, description=description)
+
+
+register_recipe(_micro(
+    "dino_micro", "dino",
+    DINOConfig(
+        drop_path_rate=0.0,  # as prosmin_micro's backbone
+        out_dim=256, head_hidden_dim=512, head_bottleneck_dim=64,  # prosmin_micro's head widths
+        momentum_start=0.99,  # as prosmin_micro: ~330 steps are too few for 0.996
+    ),
+    "DINO micro ViT on the bundled digits (prosmin_micro's data, crops, epochs and optimiser)",
+))
+
+register_recipe(_micro(
+    "ibot_micro", "ibot",
+    IBOTConfig(
+        drop_path_rate=0.0,
+        out_dim=256, patch_out_dim=256, head_hidden_dim=512, head_bottleneck_dim=64, shared_head=True,
+        momentum_start=0.99, teacher_temp_warmup_epochs=0,
+    ),
+    "iBOT micro ViT on the bundled digits (prosmin_micro's data, crops, epochs and optimiser)",
+))
+
+register_recipe(_micro(
+    "mocov3_micro", "mocov3",
+    MoCoV3Config(dim=64, mlp_dim=512),  # widths scaled to the 96-wide micro ViT
+    "MoCo-v3 micro ViT on the bundled digits (prosmin_micro's data, global crops, epochs and optimiser; "
+    "two views, no local crops)",
+    local_crops=0,
+))

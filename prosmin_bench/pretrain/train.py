@@ -1,0 +1,374 @@
+"""The pretraining loop, top to bottom: set up -> (resume) -> steps -> checkpoints.
+
+Per step: lr and weight decay from their schedules (DINO ``cosine_scheduler``: linear warm-up then cosine decay
+of the lr; cosine weight decay), forward under autocast, non-finite check (on every process at once),
+backward, optional freezing of the head's last layer, DINO's per-parameter gradient clipping, AdamW step, EMA
+update of the target, one JSONL log line (rank 0), checkpoint every ``run.checkpoint_every_steps`` and at the
+end (rank 0, atomic). ``torch.distributed`` is only reached through ``prosmin_bench.distributed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..errors import PretrainError
+from . import checkpoint as ckpt_io
+from .config import ConfigError, PretrainConfig
+from .data import PretrainData
+from .methods import METHODS, PretrainMethod, Progress, build_backbone_factory
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "log.jsonl"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------------------- schedules
+@dataclass(frozen=True)
+class Schedules:
+    """Per-step values (DINO ``utils.cosine_scheduler``), as functions of the 0-based step."""
+
+    base_lr: float  # peak lr after linear scaling, lr * batch / 256
+    min_lr: float
+    warmup_steps: int
+    wd_start: float
+    wd_end: float
+    total_steps: int
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:  # linear warm-up; starts at base/W rather than DINO's 0 (no wasted step)
+            return self.base_lr * (step + 1) / self.warmup_steps
+        n = max(self.total_steps - self.warmup_steps, 1)
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * (step - self.warmup_steps) / n))
+
+    def weight_decay(self, step: int) -> float:
+        return self.wd_end + 0.5 * (self.wd_start - self.wd_end) * (1 + math.cos(math.pi * step / max(self.total_steps, 1)))
+
+
+def make_schedules(cfg: PretrainConfig, steps_per_epoch: int) -> Schedules:
+    o = cfg.optim
+    total = o.epochs * steps_per_epoch
+    return Schedules(
+        base_lr=o.lr * o.batch_size / 256.0, min_lr=o.min_lr,
+        warmup_steps=min(int(round(o.warmup_epochs * steps_per_epoch)), total),
+        wd_start=o.weight_decay, wd_end=o.weight_decay_end, total_steps=total,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ precision
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU (bf16 autocast on most CPUs is
+    slower than fp32)."""
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"Expected run.precision auto|bf16|fp16|fp32, but got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def clip_gradients_per_parameter(params: list[torch.nn.Parameter], clip: float) -> float:
+    """DINO / released ProSMin ``utils.clip_gradients``: scale each parameter's gradient to norm <= ``clip``
+    (per parameter, not the global norm). Returns the global gradient norm before clipping (for the log)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    if clip > 0:
+        coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+        torch._foreach_mul_(grads, coefs)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------- loop
+def build_method(cfg: PretrainConfig) -> PretrainMethod:
+    """The method of ``cfg`` with a fresh backbone (seed the global RNG first for a reproducible init)."""
+    cls = METHODS.get(cfg.method)
+    factory = build_backbone_factory(cfg.arch, cfg.arch_kwargs)
+    return cls(cfg.method_config, backbone_factory=factory, crops=cfg.crops)
+
+
+def _same_run(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Config keys that differ between a checkpoint and the requested run (``run.*`` may differ)."""
+    diffs = []
+    for section in sorted(set(saved) | set(now)):
+        if section == "run":
+            continue
+        a, b = saved.get(section), now.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(section)
+    return diffs
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Keep the log lines of steps < ``last_step`` (those a resumed run will not redo)."""
+    if not path.is_file():
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] < last_step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def run_pretraining(cfg: PretrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+                    device: str = "auto") -> Path:
+    """Train ``cfg`` and write ``out_dir/checkpoint.pt`` (and ``out_dir/log.jsonl``); returns the checkpoint path.
+
+    Works in a single process and under ``torchrun`` (joins the process group from the environment).
+    Raises PretrainError naming the step when the loss becomes non-finite (the last good checkpoint stays).
+    """
+    return Pretrainer(cfg, out_dir, resume=resume, device=device).run()
+
+
+class Pretrainer:
+    """One run: ``__init__`` sets everything up (process group, method, data, optimiser, resumed state);
+    ``run()`` is the loop. ``method`` stays available afterwards (the DDP test compares ranks with it)."""
+
+    def __init__(self, cfg: PretrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+                 device: str = "auto") -> None:
+        self.cfg = cfg
+        self.dinfo = distributed.init_from_env(device)
+        self.device = dev = distributed.process_device(device)
+        self.out_dir = Path(out_dir)
+        self.ckpt_path, self.log_path = self.out_dir / CHECKPOINT_NAME, self.out_dir / LOG_NAME
+        self.is_main = distributed.is_main()
+
+        saved = None
+        if self.ckpt_path.is_file():
+            if not resume:
+                raise PretrainError(
+                    f"A checkpoint already exists at {str(self.ckpt_path)!r}; pass --resume to continue it, or "
+                    "--out DIR for a new run (or delete it)"
+                )
+            saved = ckpt_io.load(self.ckpt_path)
+            diffs = _same_run(saved["config"], cfg.to_dict())
+            if diffs:
+                raise PretrainError(
+                    f"Cannot resume {str(self.ckpt_path)!r}: the requested config differs in {diffs[:6]}; resume "
+                    "with the same recipe, --epochs and --set values, or start a new run with --out DIR"
+                )
+        elif resume:
+            log.info("no checkpoint at %s: starting a new run", self.ckpt_path)
+        distributed.barrier()  # nobody writes before every process has read the checkpoint
+
+        torch.manual_seed(cfg.run.seed)  # same initial weights on every process (DDP also broadcasts them)
+        self.method = method = build_method(cfg).to(dev)
+        self.data = PretrainData(cfg, dev)
+        self.sched = make_schedules(cfg, self.data.steps_per_epoch)
+        self.optimizer = torch.optim.AdamW(method.param_groups(), lr=0.0, betas=cfg.optim.betas)
+        self.precision = resolve_precision(cfg.run.precision, dev)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16")
+        self.step = 0
+        if saved is not None:
+            self._restore(saved)
+        else:
+            torch.manual_seed(cfg.run.seed + self.dinfo.rank)  # drop path differs per process, as in any DDP run
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_log(self.log_path, self.step)
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        m = self.method
+        m.online.load_state_dict(saved["online"], strict=True)
+        if m.target is not None:
+            m.target.load_state_dict(saved["target"], strict=True)
+        m.load_extra_state(saved["method_state"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        self.step = int(saved["step"])
+        rngs, world = saved["rng"], self.dinfo.world_size
+        if saved.get("world_size") == world and len(rngs) == world:
+            ckpt_io.set_rng_state(rngs[self.dinfo.rank])
+        else:
+            log.warning("resuming with %d processes a run saved with %s: drop-path randomness restarts",
+                        world, saved.get("world_size"))
+            torch.manual_seed(self.cfg.run.seed + 1000 * self.dinfo.rank + self.step)
+        log.info("resuming %s from step %d of %d", self.ckpt_path, self.step, self.sched.total_steps)
+
+    def save(self, at_step: int) -> None:
+        """Atomic checkpoint by rank 0 (with every process's generator states); all processes wait for it."""
+        rngs = distributed.all_gather_object(ckpt_io.rng_state())
+        if self.is_main:
+            ckpt_io.save_atomic(
+                _checkpoint_dict(self.cfg, self.method, self.optimizer, self.scaler, self.sched, at_step,
+                                 self.data.steps_per_epoch, rngs, self.dinfo.world_size),
+                self.ckpt_path,
+            )
+            log.info("checkpoint at step %d -> %s", at_step, self.ckpt_path)
+        distributed.barrier()
+
+    def run(self) -> Path:
+        cfg, method, optimizer, scaler, sched, dev = (self.cfg, self.method, self.optimizer, self.scaler,
+                                                      self.sched, self.device)
+        spe, total, step = self.data.steps_per_epoch, sched.total_steps, self.step
+        end = total if cfg.run.max_steps is None else min(total, cfg.run.max_steps)
+        if step >= end:
+            log.info("nothing to do: checkpoint at step %d, run ends at %d", step, end)
+            return self.ckpt_path
+        model = distributed.wrap_ddp(method, dev, find_unused_parameters=method.has_unused_parameters)
+        trainable = [p for _, p in method.trainable_named_parameters()]
+        last_layer = [p for n, p in method.online.named_parameters() if ".last_layer." in f".{n}"]
+        method.train()
+        bar = _progress_bar(self.is_main, total, step)
+        logf = open(self.log_path, "a") if self.is_main else None
+        log_every_plain = max(1, (end - step) // 20)
+        try:
+            epoch = step // spe
+            batches = self.data.batches(epoch, step - epoch * spe)
+            t_last = time.perf_counter()
+            while step < end:
+                if step // spe != epoch:
+                    epoch = step // spe
+                    batches = self.data.batches(epoch, 0)
+                batch = next(batches)
+                progress = Progress(step=step, total_steps=total, steps_per_epoch=spe)
+                lr, wd = sched.lr(step), sched.weight_decay(step)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                    if g.get("apply_wd", True):
+                        g["weight_decay"] = wd
+
+                with autocast_context(self.precision, dev):
+                    loss, logs = model(batch, progress)
+                stats = _reduce_stats(loss, logs)  # the same on every process, so all stop together
+                if not math.isfinite(stats["loss"]):
+                    have = self.ckpt_path.is_file()
+                    raise PretrainError(
+                        f"Non-finite loss ({stats['loss']}) at step {step} (epoch {epoch}); training stopped. "
+                        + (f"The last good checkpoint is {str(self.ckpt_path)!r}" if have else "No checkpoint was "
+                           "written yet") + "; lower optim.lr, raise optim.warmup_epochs or use run.precision=fp32"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                if progress.epoch_float < cfg.optim.freeze_last_layer_epochs:
+                    for p in last_layer:  # DINO cancel_gradients_last_layer
+                        p.grad = None
+                method.before_optimizer_step(progress)
+                grad_norm = clip_gradients_per_parameter(trainable, cfg.optim.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                momentum = method.momentum_at(progress) if method.target is not None else None
+                if momentum is not None:
+                    method.update_target(momentum)
+                step += 1
+                self.step = step
+
+                now = time.perf_counter()
+                ips = cfg.optim.batch_size / max(now - t_last, 1e-9)
+                t_last = now
+                if logf is not None:
+                    record = {"step": step - 1, "epoch": epoch, **stats, "lr": lr, "wd": wd, "momentum": momentum,
+                              "grad_norm": grad_norm, "images_per_s": ips}
+                    if (step - 1) % cfg.run.log_every_steps == 0 or step == end:
+                        logf.write(json.dumps(record) + "\n")
+                        logf.flush()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+                    elif (step - 1) % log_every_plain == 0 or step == end:
+                        log.info("step %d/%d loss %.5f lr %.3g %.0f img/s", step, total, stats["loss"], lr, ips)
+                if step % cfg.run.checkpoint_every_steps == 0 or step == end:
+                    self.save(step)
+        finally:
+            if logf is not None:
+                logf.close()
+            if bar is not None:
+                bar.close()
+        return self.ckpt_path
+
+
+def _reduce_stats(loss: torch.Tensor, logs: dict[str, Any]) -> dict[str, float]:
+    """Loss and logs averaged over processes, as floats (one all-reduce of a small vector)."""
+    names = ["loss", *logs]
+    vals = [loss.detach().float().reshape(())]
+    vals += [torch.as_tensor(v, dtype=torch.float32, device=loss.device).detach().reshape(()) for v in logs.values()]
+    reduced = distributed.all_reduce_mean(torch.stack(vals)).tolist()
+    return dict(zip(names, reduced))
+
+
+def _checkpoint_dict(cfg: PretrainConfig, method: PretrainMethod, optimizer, scaler, sched: Schedules, step: int,
+                     spe: int, rngs: list[dict[str, Any]], world: int) -> dict[str, Any]:
+    last = max(step - 1, 0)
+    p = Progress(step=last, total_steps=sched.total_steps, steps_per_epoch=spe)
+    return {
+        "format": ckpt_io.FORMAT,
+        "format_version": ckpt_io.FORMAT_VERSION,
+        "recipe": cfg.recipe,
+        "method": cfg.method,
+        "arch": cfg.arch,
+        "arch_kwargs": dict(cfg.arch_kwargs),
+        "config": cfg.to_dict(),
+        "step": step,
+        "total_steps": sched.total_steps,
+        "steps_per_epoch": spe,
+        "epoch": step // spe,
+        "finished": step >= sched.total_steps,
+        "online": _cpu_state(method.online.state_dict()),
+        "target": _cpu_state(method.target.state_dict()) if method.target is not None else {},
+        "method_state": _cpu_state(method.extra_state()),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "schedules": {"step": step, "lr": sched.lr(last), "weight_decay": sched.weight_decay(last),
+                      "momentum": method.momentum_at(p) if method.target is not None else None},
+        "rng": rngs,
+        "world_size": world,
+        "versions": _versions(),
+    }
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        own = version("prosmin-bench")
+    except PackageNotFoundError:  # running from a checkout that is not installed
+        own = "unknown"
+    return {"torch": str(torch.__version__), "timm": str(timm.__version__), "prosmin-bench": own}
+
+
+def _progress_bar(is_main: bool, total: int, initial: int):
+    if not is_main or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
