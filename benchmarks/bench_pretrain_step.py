@@ -41,18 +41,14 @@ def deterministic_loss(method, batch) -> torch.Tensor:
     return loss
 
 
-def time_steps(method, optimizer, batches, loss_fn, steps: int) -> float:
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
-        batch = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        loss = loss_fn(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        method.update_target(0.996)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:]) * 1e3
+def one_step(method, optimizer, batch, loss_fn) -> float:
+    t0 = time.perf_counter()
+    loss = loss_fn(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    method.update_target(0.996)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -74,7 +70,7 @@ def main() -> None:
     c = cfg.method_config
     print(f"recipe={a.recipe} batch={cfg.optim.batch_size} views={cfg.crops.n_views} K={c.out_dim} "
           f"predictor_hidden={c.predictor_hidden_dim} r={c.n_samples} threads={a.threads}")
-    results = {}
+    runs = {}
     for name in ("prosmin", "deterministic"):
         torch.manual_seed(0)
         method = build_method(cfg).train()
@@ -84,9 +80,16 @@ def main() -> None:
         else:
             params = [p for p in method.online.parameters() if p.requires_grad]
             loss_fn = lambda batch, m=method: m(batch, progress)[0]  # noqa: E731
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        results[name] = time_steps(method, opt, batches, loss_fn, a.steps)
-        print(f"  {name:14s} {results[name]:8.1f} ms/step")
+        runs[name] = (method, torch.optim.AdamW(params, lr=1e-4), loss_fn)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(a.steps + 2):  # interleaved, so both see the same machine load; two warm-up steps
+        for name, (method, opt, loss_fn) in runs.items():
+            dt = one_step(method, opt, batches[i % len(batches)], loss_fn)
+            if i >= 2:
+                times[name].append(dt)
+    results = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    for name, ms in results.items():
+        print(f"  {name:14s} {ms:8.1f} ms/step")
     print(f"ratio prosmin / deterministic (overhead of being probabilistic): "
           f"{results['prosmin'] / results['deterministic']:.2f}x")
 

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   prosmin-bench run --model random_micro --task digits_knn --task digits_linear
   prosmin-bench run --model prosmin_vits16 --task imagenet_c --data-root /data
   prosmin-bench run --suite imagenet --model dino_vits16 --model ibot_vits16 --weights-dir /ckpts
+  torchrun --nproc_per_node=8 -m prosmin_bench run --suite imagenet --model dino_vits16 --data-root /data --precision bf16
   prosmin-bench list models | tasks
   prosmin-bench pretrain --recipe prosmin_micro [--epochs N] [--out DIR]
   torchrun --nproc_per_node=8 -m prosmin_bench pretrain --recipe prosmin_vits16_in1k --data-root /data
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=_seeds, default=None, help="seeds, e.g. 0,1,2 (default 0,1,2 for the mini suite, else 0)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="feature extraction autocast")
+    r.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of cached features (float16 halves the cache of ImageNet-size banks)")
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: from the machine)")
     r.add_argument("--max-memory", type=_parse_memory, default="1G", help="working memory for k-NN blocks, e.g. 4G")
@@ -134,15 +137,23 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not tasks:
         raise ProsminBenchError("No task given: pass --task NAME (see `prosmin-bench list tasks`) or --suite")
     seeds = a.seeds or ((0, 1, 2) if suite == "mini" else (0,))
-    workers = a.num_workers if a.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1)) if a.data_root else 0
+    from . import distributed
+    from .features import default_num_workers
+
+    # Loader workers only pay off for files on disk (ImageNet scale); the mini data lives in memory.
+    workers = a.num_workers if a.num_workers is not None else (default_num_workers() if a.data_root else 0)
     opts = RunOptions(
         seeds=seeds, device=a.device, results_dir=a.results or config.default_results_dir(),
         data_root=config.data_root(a.data_root), weights=a.weights, weights_dir=a.weights_dir,
-        overwrite=a.overwrite, precision=a.precision, batch_size=a.batch_size, num_workers=workers,
+        overwrite=a.overwrite, precision=a.precision, feature_dtype=a.feature_dtype, batch_size=a.batch_size, num_workers=workers,
         max_memory=a.max_memory if isinstance(a.max_memory, int) else _parse_memory(a.max_memory),
         pretrain_missing=not a.no_pretrain,
     )
     records = evaluate(models, tasks, options=opts)
+    if not distributed.is_main():  # under torchrun only rank 0 reports
+        distributed.destroy()
+        return 0
+    distributed.destroy()
     failed = [r for r in records if getattr(r, "record_type", "") == "error"]
     text = leaderboard.render(opts.results_dir, suite=suite)
     if a.leaderboard:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         path = pretrain(ns.recipe, epochs=ns.epochs, out_dir=ns.out, resume=ns.resume, device=ns.device,
                         overrides=overrides)
     except ProsminBenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code
     finally:
         from .. import distributed

@@ -55,7 +55,7 @@ from ..config import ConfigError, MultiCropConfig
 from ..rng import SampleRNG
 
 #: Method classes by name; a method module registers its class with ``@METHODS.register("name")``.
-METHODS: Registry[type["PretrainMethod"]] = Registry("pretraining method", "prosmin-bench list methods")
+METHODS: Registry[type["PretrainMethod"]] = Registry("pretraining method")
 
 #: ``backbone_factory(drop_path_rate) -> nn.Module``: a fresh backbone of the recipe's architecture; forward
 #: maps images [N, 3, H, W] to features [N, embed_dim] and ``module.num_features`` is embed_dim (timm's ViT).
