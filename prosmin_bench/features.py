@@ -367,7 +367,7 @@ def extract(
         model: a Backbone (``.spec``, ``.weights_sha256``, ``.transform``, ``.features(images, layer)``).
         dataset: an ImageDataset (``.fingerprint``, ``.with_transform``).
         dataset_id: the dataset's name, version and split, e.g. ``digits@1:train``.
-        layer: "cls", "cls_lastN", "avgpool", "predictive_mu" or "predictive_sigma".
+        layer: "cls", "cls_lastN", "avgpool", "predictive_mu", "predictive_sigma" or "projector".
         precision: autocast during the forward pass ("fp32", "bf16" or "fp16").
         dtype: storage dtype of the features ("float32" or "float16"), recorded in ``meta["dtype"]``.
         shard: split the work over the ranks of the process group (a collective call; see above).
