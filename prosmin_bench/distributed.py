@@ -193,8 +193,9 @@ def all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
 def shard_indices(n: int, rank: int | None = None, world: int | None = None) -> range:
     """Contiguous shard ``rank`` of ``range(n)`` for ``world`` processes; shards cover every index exactly once
     (sizes differ by at most one), so concatenating them in rank order gives ``range(n)`` back."""
-    rank = globals()["rank"]() if rank is None else rank
-    world = world_size() if world is None else world
+    here = info()
+    rank = here.rank if rank is None else rank
+    world = here.world_size if world is None else world
     if world < 1 or not 0 <= rank < world:
         raise DistributedError(f"Expected 0 <= rank < world >= 1, but got rank={rank}, world={world}")
     return range(n * rank // world, n * (rank + 1) // world)
@@ -210,11 +211,14 @@ def gather_in_order(local: torch.Tensor, n: int) -> torch.Tensor:
 
 def wrap_ddp(module: nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> nn.Module:
     """``DistributedDataParallel(module)`` when distributed, else ``module``. Buffers are not broadcast (the
-    pretraining methods all-reduce their statistics themselves); BatchNorm layers become SyncBatchNorm."""
+    pretraining methods all-reduce their statistics themselves); on GPUs BatchNorm layers become SyncBatchNorm."""
     if not is_initialized() or world_size() == 1:
         return module
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        if device.type == "cuda":
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        else:  # SyncBatchNorm is GPU-only in PyTorch
+            log.warning("BatchNorm layers use per-process batch statistics on %s (SyncBatchNorm needs CUDA)", device)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(
         module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters

@@ -206,8 +206,9 @@ def test_dino_forward_is_the_dino_loss_of_its_networks_and_centres_raw_outputs()
     with torch.no_grad():
         torch.manual_seed(5)  # the same drop-path draws
         t = m.target.head(m.target.backbone(torch.cat(batch.global_views)))
-        s = torch.cat([m.online.head(m.online.backbone(torch.cat(batch.global_views))),
-                       m.online.head(m.online.backbone(torch.cat(batch.local_views)))])
+        # one head call over all views' features, as the method (the head's BN sees them together)
+        s = m.online.head(torch.cat([m.online.backbone(torch.cat(batch.global_views)),
+                                     m.online.backbone(torch.cat(batch.local_views))]))
     c = cfg.method_config
     temp = teacher_temperature(c.teacher_temp_start, c.teacher_temp, c.teacher_temp_warmup_epochs, 0)
     ref = dino_loss_loop(s, t, c0, c.student_temp, temp, 2)
@@ -221,7 +222,7 @@ def test_dino_forward_is_the_dino_loss_of_its_networks_and_centres_raw_outputs()
 
 def test_ibot_forward_is_cls_plus_masked_patch_distillation():
     cfg = tiny_cfg("ibot_micro", **{"crops.local_crops": 2, "method.shared_head": False,
-                                    "method.drop_path_rate": 0.0})
+                                    "method.drop_path_rate": 0.0, "method.head_use_bn": False})
     m = build_method(cfg)
     assert isinstance(m, IBOT) and hasattr(m.online.head, "patch") and not hasattr(m.target.head, "patch")
     batch = make_batch(cfg)
@@ -409,9 +410,10 @@ def _free_port() -> int:
 
 
 def _ddp_overrides(recipe: str) -> dict:
-    # no drop path: its masks come from each process's own generator (the one legitimate difference)
+    # no drop path: its masks come from each process's own generator (the one legitimate difference); no BN in
+    # the head: DDP turns BN into SyncBatchNorm, which PyTorch runs on GPUs only
     return {**ARCH, **HEADS[recipe], **RUN, "crops.local_crops": 2, "method.drop_path_rate": 0.0,
-            "run.max_steps": DDP_STEPS}
+            "method.head_use_bn": False, "run.max_steps": DDP_STEPS}
 
 
 def worker(out: Path, recipe: str) -> None:

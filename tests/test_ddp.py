@@ -20,12 +20,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 #: Tiny ProSMin (one-block 32-wide ViT, narrow heads), global batch 32 = 2 x 16, 2 global + 2 local crops.
-#: Drop path is off: its masks come from each process's own generator, so it is the one thing that would make a
-#: 2-process run differ from a 1-process run by more than float round-off.
+#: Drop path is off (its masks come from each process's own generator) and so is BatchNorm in the head (on CPU
+#: its batch statistics are per process; SyncBatchNorm is GPU-only): the two things that would make a 2-process
+#: run differ from a 1-process run by more than float round-off.
 TINY = {
     "arch_kwargs.depth": 1, "arch_kwargs.embed_dim": 32, "arch_kwargs.num_heads": 2,
     "method.out_dim": 32, "method.head_hidden_dim": 64, "method.head_bottleneck_dim": 16,
-    "method.predictor_hidden_dim": 64, "method.drop_path_rate": 0.0,
+    "method.predictor_hidden_dim": 64, "method.drop_path_rate": 0.0, "method.head_use_bn": False,
     "optim.batch_size": 32, "optim.warmup_epochs": 0.1, "crops.local_crops": 2,
     "run.max_steps": 8, "run.checkpoint_every_steps": 4,
 }

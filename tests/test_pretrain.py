@@ -134,8 +134,8 @@ def test_prosmin_networks_ema_and_centre():
     assert m.target.backbone is not m.online.backbone  # the released code's shared-backbone bug is not repeated
 
     batch = make_batch(cfg)
-    with torch.no_grad():  # the target's raw outputs on the global views, computed here by hand
-        raw = torch.cat([m.target.head(m.target.backbone(v)) for v in batch.global_views])
+    with torch.no_grad():  # the target's raw outputs on the global views (one batch, as BN in the head sees it)
+        raw = m.target.head(m.target.backbone(torch.cat(batch.global_views)))
     loss, logs = m(batch, Progress(0, 10, 5))
     cm = cfg.method_config.center_momentum
     assert torch.allclose(m.center, (1 - cm) * raw.mean(0, keepdim=True), atol=1e-6)  # raw, not centred, outputs
@@ -155,13 +155,17 @@ def test_prosmin_networks_ema_and_centre():
         assert torch.allclose(p, 0.9 * before[n] + 0.1 * online[n], atol=1e-6)
 
 
-def test_prosmin_sigma_is_exp_half_log_variance():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("normalize", [True, False])
+def test_prosmin_sigma_is_exp_half_log_variance(normalize: bool):
+    """mu = W_mu h, sigma = exp(0.5 W_s h); h = relu(normalize(mlp(.))) (released code) or mlp(.) (paper)."""
+    cfg = tiny_cfg(**{"method.predictor_normalize": normalize})
     torch.manual_seed(1)
-    net = ProSMinOnline(build_method(cfg).online.backbone, cfg.method_config)
+    net = ProSMinOnline(build_method(cfg).online.backbone, cfg.method_config).eval()
     x = torch.randn(5, 3, 32, 32)
     mu, sigma = net(x)
-    h = torch.relu(torch.nn.functional.normalize(net.predictor.mlp(net.head(net.backbone(x))), dim=-1))
+    h = net.predictor.mlp(net.head(net.backbone(x)))
+    if normalize:
+        h = torch.relu(h / h.norm(dim=-1, keepdim=True))
     assert torch.allclose(mu, h @ net.predictor.mu.weight.T, atol=1e-6)
     assert torch.allclose(sigma, torch.exp(0.5 * h @ net.predictor.log_var.weight.T), atol=1e-6)
 
