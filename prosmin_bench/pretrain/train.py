@@ -28,6 +28,7 @@ from . import checkpoint as ckpt_io
 from .config import ConfigError, PretrainConfig
 from .data import PretrainData
 from .methods import METHODS, PretrainMethod, Progress, build_backbone_factory
+from .monitor import CollapseMonitor, target_modules
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,9 @@ class Pretrainer:
         trainable = [p for _, p in method.trainable_named_parameters()]
         last_layer = [p for n, p in method.online.named_parameters() if ".last_layer." in f".{n}"]
         method.train()
+        # collapse statistics of the target's own outputs (forward hooks: no extra forward); logging rank only
+        monitor = CollapseMonitor(cfg.run.monitor_every if self.is_main else 0, cfg.run.collapse_warn_fraction)
+        monitor.watch(target_modules(method))
         bar = _progress_bar(self.is_main, total, step)
         logf = open(self.log_path, "a") if self.is_main else None
         log_every_plain = max(1, (end - step) // 20)
@@ -261,7 +265,7 @@ class Pretrainer:
                     if g.get("apply_wd", True):
                         g["weight_decay"] = wd
 
-                with autocast_context(self.precision, dev):
+                with autocast_context(self.precision, dev), monitor.capture(step):
                     loss, logs = model(batch, progress)
                 stats = _reduce_stats(loss, logs)  # the same on every process, so all stop together
                 if not math.isfinite(stats["loss"]):
@@ -271,6 +275,7 @@ class Pretrainer:
                         + (f"The last good checkpoint is {str(self.ckpt_path)!r}" if have else "No checkpoint was "
                            "written yet") + "; lower optim.lr, raise optim.warmup_epochs or use run.precision=fp32"
                     )
+                collapse = monitor.collect(step)  # {} except every run.monitor_every steps on the logging rank
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -292,8 +297,8 @@ class Pretrainer:
                 t_last = now
                 if logf is not None:
                     record = {"step": step - 1, "epoch": epoch, **stats, "lr": lr, "wd": wd, "momentum": momentum,
-                              "grad_norm": grad_norm, "images_per_s": ips}
-                    if (step - 1) % cfg.run.log_every_steps == 0 or step == end:
+                              "grad_norm": grad_norm, "images_per_s": ips, **collapse}
+                    if (step - 1) % cfg.run.log_every_steps == 0 or step == end or collapse:
                         logf.write(json.dumps(record) + "\n")
                         logf.flush()
                     if bar is not None:
@@ -304,6 +309,7 @@ class Pretrainer:
                 if step % cfg.run.checkpoint_every_steps == 0 or step == end:
                     self.save(step)
         finally:
+            monitor.close()
             if logf is not None:
                 logf.close()
             if bar is not None:
