@@ -256,6 +256,7 @@ def test_registry_exposes_predictive_and_projector_only_for_pretraining_checkpoi
     ckpt = load(prosmin_ckpt)
     head = _reference_head("prosmin", model.embed_dim, PretrainConfig.from_dict(ckpt["config"]).method_config)
     head.load_state_dict(strip_prefix(ckpt["target"], "head."), strict=True)
+    head.eval()  # the registry evaluates in eval mode (BN heads use their running statistics)
     with torch.no_grad():
         ref = head(model.net(images))
     torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-6)
