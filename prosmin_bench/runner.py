@@ -284,13 +284,10 @@ def evaluate(
     Under ``torchrun`` every rank calls this: each extracts its shard of every dataset, rank 0 alone runs the
     protocols and writes the records, and the other ranks return an empty list.
     """
-    opts = options or RunOptions()
-    opts.seeds = tuple(int(s) for s in seeds) if options is None else opts.seeds
-    if options is None:
-        opts.device, opts.overwrite = device, overwrite
-        if results_dir is not None:
-            opts.results_dir = Path(results_dir)
-    elif results_dir is not None:
+    if options is None:  # the keyword arguments describe the run; with `options`, those are used as given
+        options = RunOptions(seeds=tuple(int(s) for s in seeds), device=device, overwrite=overwrite)
+    opts = options
+    if results_dir is not None:
         opts.results_dir = Path(results_dir)
     model_list = [models] if isinstance(models, (str, ModelSpec)) else list(models)
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)

@@ -107,7 +107,6 @@ class Task:
             raise CardError(
                 f"Card {spec.card!r}: unknown protocol field(s) {unknown} for kind {cls.kind!r}; allowed {sorted(names)}"
             )
-        hints = {f.name: f.type for f in dataclasses.fields(cls.Params)}
         values = {}
         for key, value in spec.protocol.items():
             if isinstance(value, list):
@@ -118,7 +117,6 @@ class Task:
         except (TypeError, ValueError) as exc:
             raise CardError(f"Card {spec.card!r}: bad protocol for kind {cls.kind!r}: {exc}") from None
         cls.check_params(spec, params)
-        del hints
         return params
 
     @classmethod
