@@ -42,6 +42,8 @@ HEADS = {
     "ibot_micro": {"method.out_dim": 32, "method.patch_out_dim": 32, "method.head_hidden_dim": 64,
                    "method.head_bottleneck_dim": 16},
     "mocov3_micro": {"method.dim": 16, "method.mlp_dim": 32},
+    "prosmin_micro": {"method.out_dim": 32, "method.head_hidden_dim": 64, "method.head_bottleneck_dim": 16,
+                      "method.predictor_hidden_dim": 64},
 }
 RUN = {"optim.batch_size": 16, "optim.warmup_epochs": 0.1}
 MICRO = ("dino_micro", "ibot_micro", "mocov3_micro")
@@ -275,6 +277,39 @@ def test_mocov3_forward_is_the_symmetric_scaled_info_nce():
     torch.testing.assert_close(bb.pos_embed.detach(), sincos_2d_position_embedding((8, 8), 32))
     groups = m.param_groups()
     assert len(groups) == 1 and groups[0]["apply_wd"]  # main_moco.py: AdamW(model.parameters()) decays everything
+
+
+@pytest.mark.parametrize("recipe", ("prosmin_micro", *MICRO))
+@pytest.mark.parametrize("on", (True, False))
+def test_vit_stabilisers_freeze_the_patch_projection_and_fix_sincos_positions(recipe, on):
+    """MoCo-v3's stop-grad-conv1 and sin-cos position embedding, available to every method: with them on, an
+    optimiser step leaves the patch projection and the position embedding where they started (online and
+    target), and the position embedding is vits.py's table; with them off, both are trained."""
+    flags = {"method.stop_grad_conv1": on, "method.sincos_pos_embed": on, "method.drop_path_rate": 0.0}
+    cfg = tiny_cfg(recipe, **flags)
+    torch.manual_seed(0)
+    m = build_method(cfg)
+    bb = m.online.backbone
+    before = {n: p.detach().clone() for n, p in bb.named_parameters() if n.startswith(("patch_embed.", "pos_embed"))}
+    if on:
+        torch.testing.assert_close(bb.pos_embed.detach(), sincos_2d_position_embedding((8, 8), 32))
+    opt = torch.optim.AdamW(m.param_groups(), lr=1e-2)
+    loss, _ = m(make_batch(cfg, b=16), Progress(step=0, total_steps=10, steps_per_epoch=5))
+    loss.backward()
+    opt.step()
+    m.update_target(0.5)
+    for name, old in before.items():
+        same = torch.equal(dict(bb.named_parameters())[name].detach(), old)
+        assert same == on, (name, on)
+        if on:
+            torch.testing.assert_close(dict(m.target.backbone.named_parameters())[name], old)
+
+
+def test_vit_stabilisers_need_a_vit():
+    cfg = tiny_cfg("dino_micro", **{"method.sincos_pos_embed": True, "arch_kwargs.class_token": False,
+                                    "arch_kwargs.global_pool": "avg"})
+    with pytest.raises(ConfigError, match="sincos_pos_embed: a fixed sin-cos position embedding needs a ViT with one \\[CLS\\] token"):
+        build_method(cfg)
 
 
 def test_mocov3_networks_use_the_official_mlp_layout():

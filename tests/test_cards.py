@@ -110,6 +110,24 @@ def test_user_model_card(tmp_path):
     assert model.embed_dim == 96
 
 
+@pytest.mark.parametrize("weights, message", [
+    ("random = true\ninit = \"xavier\"", "must be one of ['timm', 'sincos']"),
+    ("recipe = \"prosmin_micro\"\ninit = \"sincos\"", "needs random = true"),
+])
+def test_model_card_random_init_is_checked(tmp_path, weights, message):
+    _write(tmp_path / "m" / "baselines", "tiny.toml", f"""
+        name = "tiny_init"
+        arch = "vit_micro"
+        scale = "mini"
+        [weights]
+        {weights}
+    """)
+    cards.add_card_dir(tmp_path / "m")
+    with pytest.raises(CardError, match="weights.init") as err:
+        list_models()
+    assert message in str(err.value)
+
+
 @pytest.mark.parametrize(
     "text, field",
     [

@@ -16,6 +16,24 @@ def test_vit_micro_is_a_few_hundred_thousand_parameters():
     assert 300_000 < n < 600_000
 
 
+def test_random_sincos_micro_is_random_micro_with_mocov3_fixed_positions():
+    """Same draw as random_micro except the position embedding, which is vits.py's 2-D sin-cos table written out
+    directly here: [CLS] row zero, then per patch (row i, column j) [sin(i w), cos(i w), sin(j w), cos(j w)]."""
+    a, b = get_model("random_micro").net.state_dict(), get_model("random_sincos_micro").net.state_dict()
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "pos_embed")
+    dim, quarter = 96, 24
+    omega = [1.0 / 10000 ** (d / quarter) for d in range(quarter)]
+    ref = torch.zeros(1, 65, dim)
+    for i in range(8):
+        for j in range(8):
+            row = [np.sin(i * w) for w in omega] + [np.cos(i * w) for w in omega]
+            row += [np.sin(j * w) for w in omega] + [np.cos(j * w) for w in omega]
+            ref[0, 1 + 8 * i + j] = torch.tensor(row)
+    torch.testing.assert_close(b["pos_embed"], ref)
+    assert get_model("random_sincos_micro").weights_sha256 != get_model("random_micro").weights_sha256
+
+
 def test_random_micro_is_one_fixed_model_with_the_backbone_face():
     a, b = get_model("random_micro"), get_model("random_micro")
     assert a.weights_sha256 == b.weights_sha256 and len(a.weights_sha256) == 64

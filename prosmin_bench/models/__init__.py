@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ProsminBenchError
-from .architectures import ARCHITECTURES, build_architecture
+from ..errors import CardError, ProsminBenchError
+from .architectures import ARCHITECTURES, build_architecture, set_sincos_position_embedding
 from .backbone import Backbone
 from .converters import PRETRAIN_FORMAT
 from .spec import MINI_PREPROCESS, ModelSpec, Preprocess, WeightsSource
@@ -67,6 +67,11 @@ def get_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.weights.seed)
             net = build_architecture(spec.arch, **spec.arch_kwargs)
+        if spec.weights.init == "sincos":
+            try:
+                set_sincos_position_embedding(net)
+            except ValueError as exc:
+                raise CardError(f"Model {spec.name!r}: weights.init = 'sincos': {exc}") from None
         digest = sha256_state_dict(net.state_dict())
     else:
         net = build_architecture(spec.arch, **spec.arch_kwargs)

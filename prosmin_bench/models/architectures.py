@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..registry import Registry
@@ -46,6 +47,36 @@ def vit_small_patch16(**kwargs: Any) -> nn.Module:
 def vit_base_patch16(**kwargs: Any) -> nn.Module:
     """ViT-B/16 at 224 px."""
     return _timm_vit("vit_base_patch16_224", **kwargs)
+
+
+def sincos_2d_position_embedding(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo-v3's fixed position embedding [1, 1 + H * W, dim] (``vits.py`` ``build_2d_sincos_position_embedding``):
+    a zero row for [CLS], then for the patch in row ``i``, column ``j`` (timm's row-major token order)
+    ``[sin(i * omega), cos(i * omega), sin(j * omega), cos(j * omega)]`` with ``omega_d = temperature^(-d / (dim/4))``.
+    (``vits.py`` builds ``meshgrid(w, h)`` with 'ij' indexing and flattens it, so its first coordinate is the
+    slower-varying one, the row.)"""
+    if dim % 4:
+        raise ValueError(f"A 2-D sin-cos position embedding needs a width divisible by 4, but got {dim}")
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+    pos_dim = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
+    a = rows.flatten()[:, None] * omega[None]
+    c = cols.flatten()[:, None] * omega[None]
+    emb = torch.cat([a.sin(), a.cos(), c.sin(), c.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), emb])[None]
+
+
+def set_sincos_position_embedding(vit: nn.Module) -> None:
+    """Overwrite a timm ViT's position embedding with :func:`sincos_2d_position_embedding` and freeze it (MoCo-v3's
+    fixed positions). Raises ValueError for a model without one [CLS] token and a ``pos_embed``."""
+    if getattr(vit, "num_prefix_tokens", 1) != 1 or getattr(vit, "pos_embed", None) is None:
+        raise ValueError("a fixed sin-cos position embedding needs a ViT with one [CLS] token and a pos_embed")
+    grid = tuple(int(g) for g in vit.patch_embed.grid_size)
+    with torch.no_grad():
+        vit.pos_embed.copy_(sincos_2d_position_embedding(grid, vit.pos_embed.shape[-1]))
+    vit.pos_embed.requires_grad_(False)
 
 
 def build_architecture(name: str, **kwargs: Any) -> nn.Module:

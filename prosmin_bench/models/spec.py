@@ -59,6 +59,9 @@ class WeightsSource:
     recipe: str | None = None
     random: bool = False
     seed: int = 0  # init seed for random weights, so "random" is one fixed model
+    # random weights only: "timm" (timm's default init) or "sincos" (timm's init with MoCo-v3's fixed 2-D sin-cos
+    # position embedding, the starting point of every *_micro recipe: see pretrain/recipes_baselines.py)
+    init: str = "timm"
 
     @property
     def kind(self) -> str:

@@ -31,6 +31,12 @@ register_model_spec(ModelSpec(
     scale="mini", method="random",
     description="vit_micro with timm's default random init (seed 0): the untrained floor every method must beat",
 ))
+register_model_spec(ModelSpec(
+    name="random_sincos_micro", arch="vit_micro", weights=WeightsSource(random=True, seed=0, init="sincos"),
+    preprocess=MINI_PREPROCESS, scale="mini", method="random",
+    description="vit_micro with timm's random init (seed 0) and MoCo-v3's fixed 2-D sin-cos position embedding: "
+    "the initialisation every *_micro recipe starts from, so a method's gain over it is learned",
+))
 for _method, _label in (("prosmin", "ProSMin"), ("dino", "DINO"), ("ibot", "iBOT"), ("mocov3", "MoCo-v3")):
     register_model_spec(ModelSpec(
         name=f"{_method}_micro", arch="vit_micro", weights=WeightsSource(recipe=f"{_method}_micro"),
@@ -43,7 +49,8 @@ _MODEL_FIELDS = {
     "name", "arch", "arch_kwargs", "weights", "converter", "feature_layer", "preprocess", "scale", "method",
     "pretrained_on", "paper", "licence", "description", "reported",
 }
-_WEIGHTS_FIELDS = {"url", "filename", "sha256", "format", "recipe", "random", "seed"}
+_WEIGHTS_FIELDS = {"url", "filename", "sha256", "format", "recipe", "random", "seed", "init"}
+_RANDOM_INITS = ("timm", "sincos")
 _PREPROCESS_FIELDS = {"resize", "crop", "interpolation", "mean", "std"}
 
 
@@ -58,8 +65,13 @@ def spec_from_card(card: cards.Card) -> ModelSpec:
     src = WeightsSource(
         url=f("weights.url", str, None), filename=f("weights.filename", str, None), sha256=f("weights.sha256", str, None),
         format=f("weights.format", str, None), recipe=f("weights.recipe", str, None),
-        random=f("weights.random", bool, False), seed=f("weights.seed", int, 0),
+        random=f("weights.random", bool, False), seed=f("weights.seed", int, 0), init=f("weights.init", str, "timm"),
     )
+    if src.init not in _RANDOM_INITS or (src.init != "timm" and not src.random):
+        raise CardError(
+            f"Card {str(card.path)!r}: field 'weights.init' must be one of {list(_RANDOM_INITS)} and needs "
+            f"random = true, but got init = {src.init!r}"
+        )
     if sum([bool(src.url), bool(src.recipe), src.random]) != 1:
         raise CardError(
             f"Card {str(card.path)!r}: field 'weights' must set exactly one of url, recipe or random = true"

@@ -5,7 +5,8 @@ config dataclass ``config_class`` (a subclass of :class:`MethodConfig`). The loo
 
 1. builds it: ``method = cls(cfg.method_config, backbone_factory=factory, crops=cfg.crops)`` where
    ``factory(drop_path_rate)`` returns a fresh backbone (the subclass calls ``super().__init__(config,
-   crops=crops)``, builds ``self.online`` / ``self.target``, then ``self.init_target_from_online()``);
+   crops=crops)``, builds ``self.online`` / ``self.target``, then ``self.configure_backbone()`` and
+   ``self.init_target_from_online()``);
 2. per step, under autocast, calls ``loss, logs = model(batch, progress)`` where ``model`` is the method itself
    or its DDP wrapper (DDP wraps the whole method; only parameters with ``requires_grad`` are synchronised, so
    the target, which has none, is never all-reduced);
@@ -50,6 +51,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from ...models.architectures import set_sincos_position_embedding
 from ...registry import Registry
 from ..config import ConfigError, MultiCropConfig
 from ..rng import SampleRNG
@@ -74,6 +76,11 @@ class MethodConfig:
     momentum_start: float = 0.996
     momentum_end: float = 1.0
     drop_path_rate: float = 0.1
+    # MoCo-v3's two ViT stabilisers (Chen et al., ICCV 2021, Sec. 4.2 and 5; vits.py), off unless a recipe turns
+    # them on: a frozen random patch projection (``--stop-grad-conv1``, which the paper reports stabilises BYOL
+    # and SimCLR too) and a fixed 2-D sin-cos position embedding instead of a learned one.
+    stop_grad_conv1: bool = False
+    sincos_pos_embed: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,22 @@ class PretrainMethod(nn.Module):
     def target_backbone(self) -> nn.Module:
         """The backbone that is evaluated: the EMA target's when there is one (as DINO evaluates its teacher)."""
         return (self.target if self.target is not None else self.online).backbone
+
+    def configure_backbone(self) -> None:
+        """Apply the config's ViT stabilisers (``sincos_pos_embed``, ``stop_grad_conv1``) to the online backbone;
+        call before :meth:`init_target_from_online`, which copies the result into the target."""
+        c, bb = self.config, self.online.backbone
+        if c.sincos_pos_embed:
+            try:
+                set_sincos_position_embedding(bb)
+            except ValueError as exc:
+                raise ConfigError(f"method.sincos_pos_embed: {exc}") from None
+        if c.stop_grad_conv1:
+            proj = getattr(getattr(bb, "patch_embed", None), "proj", None)
+            if proj is None:
+                raise ConfigError("method.stop_grad_conv1 needs a ViT with a patch_embed.proj layer")
+            for p in proj.parameters():
+                p.requires_grad_(False)
 
     def init_target_from_online(self) -> None:
         """Copy the online weights into the target (same names) and freeze the target."""

@@ -109,6 +109,7 @@ class DINO(PretrainMethod):
             raise ConfigError(f"Expected method.center_momentum in [0, 1), but got {c.center_momentum}")
         self.online = DINONetwork(backbone_factory(c.drop_path_rate), c)
         self.target = DINONetwork(backbone_factory(0.0), c)  # main_dino.py: the teacher has no drop path
+        self.configure_backbone()
         self.init_target_from_online()
         self.register_buffer("center", torch.zeros(1, c.out_dim))
 

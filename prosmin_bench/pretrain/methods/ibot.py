@@ -250,6 +250,7 @@ class IBOT(PretrainMethod):
                               "layer is the EMA of the student's)")
         self.online = IBOTStudent(backbone_factory(c.drop_path_rate), c)
         self.target = IBOTTeacher(backbone_factory(0.0), c)  # iBOT: the teacher has no drop path
+        self.configure_backbone()
         self.init_target_from_online()
         self.register_buffer("center", torch.zeros(1, c.out_dim))
         self.register_buffer("center_patch", torch.zeros(1, 1, c.patch_out_dim))

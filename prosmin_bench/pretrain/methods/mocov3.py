@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ... import distributed
 from ..config import ConfigError, MultiCropConfig
+from ...models.architectures import sincos_2d_position_embedding  # noqa: F401  (MoCo-v3's; re-exported here)
 from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress, embed_dim_of
 
 
@@ -56,25 +57,6 @@ def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, la
         elif last_bn:
             layers.append(nn.BatchNorm1d(d_out, affine=False))
     return nn.Sequential(*layers)
-
-
-def sincos_2d_position_embedding(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """MoCo-v3's fixed position embedding [1, 1 + H * W, dim] (``vits.py`` ``build_2d_sincos_position_embedding``):
-    a zero row for [CLS], then for the patch in row ``i``, column ``j`` (timm's row-major token order)
-    ``[sin(i * omega), cos(i * omega), sin(j * omega), cos(j * omega)]`` with ``omega_d = temperature^(-d / (dim/4))``.
-    (``vits.py`` builds ``meshgrid(w, h)`` with 'ij' indexing and flattens it, so its first coordinate is the
-    slower-varying one, the row.)"""
-    if dim % 4:
-        raise ConfigError(f"A 2-D sin-cos position embedding needs a width divisible by 4, but got {dim}")
-    h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
-    pos_dim = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
-    a = rows.flatten()[:, None] * omega[None]
-    c = cols.flatten()[:, None] * omega[None]
-    emb = torch.cat([a.sin(), a.cos(), c.sin(), c.cos()], dim=1)
-    return torch.cat([torch.zeros(1, dim), emb])[None]
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, offset: int = 0) -> torch.Tensor:
@@ -136,17 +118,7 @@ class MoCoV3(PretrainMethod):
             raise ConfigError(f"Expected method.temperature > 0, but got {c.temperature}")
         self.online = MoCoBase(backbone_factory(c.drop_path_rate), c)
         self.target = MoCoMomentum(backbone_factory(0.0), c)
-        bb = self.online.backbone
-        if c.sincos_pos_embed:
-            if getattr(bb, "num_prefix_tokens", 1) != 1 or getattr(bb, "pos_embed", None) is None:
-                raise ConfigError("method.sincos_pos_embed needs a ViT with one [CLS] token and a pos_embed")
-            grid = tuple(int(g) for g in bb.patch_embed.grid_size)
-            with torch.no_grad():
-                bb.pos_embed.copy_(sincos_2d_position_embedding(grid, embed_dim_of(bb)))
-            bb.pos_embed.requires_grad_(False)
-        if c.stop_grad_conv1:
-            for p in bb.patch_embed.proj.parameters():
-                p.requires_grad_(False)
+        self.configure_backbone()
         self.init_target_from_online()
 
     def param_groups(self) -> list[dict[str, Any]]:

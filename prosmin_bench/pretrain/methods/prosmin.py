@@ -123,6 +123,7 @@ class ProSMin(PretrainMethod):
             raise ConfigError("method.include_same_view=false leaves no pairs with a single view; add crops")
         self.online = ProSMinOnline(backbone_factory(c.drop_path_rate), c)
         self.target = ProSMinTarget(backbone_factory(0.0), c)  # DINO/released code: no drop path in the target
+        self.configure_backbone()
         self.init_target_from_online()
         self.register_buffer("center", torch.zeros(1, c.out_dim))
         n_views, n_glob = crops.n_views, crops.global_crops
