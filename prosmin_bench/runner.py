@@ -8,6 +8,7 @@ folder neither corrupt nor duplicate work, and a killed run resumes where it sto
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -180,12 +181,57 @@ def _ensure_weights(spec: ModelSpec, opts: RunOptions) -> None:
 
     if opts.weights_dir and (Path(opts.weights_dir) / spec.name / "checkpoint.pt").is_file():
         return
-    if recipe_checkpoint_path(spec.weights.recipe).is_file():
+    path = recipe_checkpoint_path(spec.weights.recipe)
+    if path.is_file():
+        _warn_if_recipe_changed(spec.weights.recipe, path)
         return
     from .pretrain import pretrain
 
     log.info("pretraining %s (recipe %s): no checkpoint yet", spec.name, spec.weights.recipe)
     pretrain(spec.weights.recipe, device=opts.device)
+
+
+#: Run settings that do not change what a pretraining run computes.
+_EXECUTION_ONLY = ("run.checkpoint_every_steps", "run.log_every_steps", "run.monitor_every",
+                   "run.collapse_warn_fraction", "data.num_workers", "data.data_root")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": leaf}."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def recipe_differences(recipe: str, checkpoint: Path) -> list[str]:
+    """Fields where the config saved beside ``checkpoint`` (``config.json``) differs from ``recipe`` as it is
+    defined now, as ``"key: checkpoint value -> recipe value"``; ``[]`` when they agree or nothing was saved."""
+    from .pretrain import resolve_config
+
+    saved_path = checkpoint.parent / "config.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        return []
+    now, then = _flatten(resolve_config(recipe).to_dict()), _flatten(saved)
+    keys = sorted((set(now) | set(then)) - set(_EXECUTION_ONLY))
+    return [f"{k}: {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in keys if now.get(k) != then.get(k)]
+
+
+def _warn_if_recipe_changed(recipe: str, checkpoint: Path) -> None:
+    diffs = recipe_differences(recipe, checkpoint)
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        log.warning(
+            "%s was pretrained with a %s config that differs from the recipe now (%s); its results describe that "
+            "checkpoint. To evaluate the current recipe, move the checkpoint's folder %s away and run again",
+            checkpoint, recipe, shown, checkpoint.parent,
+        )
 
 
 #: The first line torch's DataLoader gives an error re-raised from a worker process (``ExceptionWrapper``).

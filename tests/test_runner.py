@@ -144,3 +144,35 @@ def test_cli_run_prints_a_leaderboard_and_debug_shows_tracebacks(tmp_path, capsy
     proc = subprocess.run([sys.executable, "-m", "prosmin_bench", "--debug", "run", "--model", "nope", "--task",
                            "digits_knn", "--results", str(res)], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_a_checkpoint_from_a_changed_recipe_is_used_with_a_warning(caplog):
+    """The default run reuses an existing micro checkpoint (never retrains or deletes it by itself), but says when
+    the config saved beside it is no longer the recipe's, naming the fields; run settings are not differences."""
+    import logging
+
+    from prosmin_bench.models import get_model_spec
+    from prosmin_bench.models.weights import recipe_checkpoint_path
+    from prosmin_bench.pretrain import resolve_config
+    from prosmin_bench.runner import RunOptions, _ensure_weights, recipe_differences
+
+    path = recipe_checkpoint_path("prosmin_micro")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"a checkpoint")
+    saved = resolve_config("prosmin_micro").to_dict()
+    saved["run"]["checkpoint_every_steps"] = 7  # execution only: not a difference
+    (path.parent / "config.json").write_text(json.dumps(saved))
+    assert recipe_differences("prosmin_micro", path) == []
+
+    saved["method_config"]["momentum_start"] = 0.9
+    saved["optim"]["epochs"] = 50
+    (path.parent / "config.json").write_text(json.dumps(saved))
+    expected = [f"method_config.momentum_start: 0.9 -> {resolve_config('prosmin_micro').method_config.momentum_start!r}",
+                f"optim.epochs: 50 -> {resolve_config('prosmin_micro').optim.epochs!r}"]
+    assert recipe_differences("prosmin_micro", path) == expected
+    with caplog.at_level(logging.WARNING, logger="prosmin_bench.runner"):
+        _ensure_weights(get_model_spec("prosmin_micro"), RunOptions())
+    assert path.read_bytes() == b"a checkpoint"  # kept, not retrained
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "differs from the recipe now" in warning and expected[0] in warning and expected[1] in warning
+    assert "move the checkpoint's folder" in warning
