@@ -228,8 +228,8 @@ def _warn_if_recipe_changed(recipe: str, checkpoint: Path) -> None:
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         log.warning(
-            "%s was pretrained with a %s config that differs from the recipe now (%s); its results describe that "
-            "checkpoint. To evaluate the current recipe, move the checkpoint's folder %s away and run again",
+            "%s was pretrained with a config that differs from recipe %s as it is now (%s); its results describe "
+            "that checkpoint. To evaluate the current recipe, move the checkpoint's folder %s away and run again",
             checkpoint, recipe, shown, checkpoint.parent,
         )
 

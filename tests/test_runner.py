@@ -174,5 +174,5 @@ def test_a_checkpoint_from_a_changed_recipe_is_used_with_a_warning(caplog):
         _ensure_weights(get_model_spec("prosmin_micro"), RunOptions())
     assert path.read_bytes() == b"a checkpoint"  # kept, not retrained
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "differs from the recipe now" in warning and expected[0] in warning and expected[1] in warning
+    assert "differs from recipe prosmin_micro as it is now" in warning and expected[0] in warning and expected[1] in warning
     assert "move the checkpoint's folder" in warning
