@@ -269,6 +269,28 @@ def test_registry_exposes_predictive_and_projector_only_for_pretraining_checkpoi
         plain.projector(images)
 
 
+def test_heads_that_do_not_match_the_checkpoints_config_are_named(prosmin_ckpt):
+    """A checkpoint whose online state is not what its own config builds (e.g. written by another version) is
+    refused with the missing, unexpected and mis-shaped keys in the one-line message."""
+    from prosmin_bench.errors import WeightsError
+    from prosmin_bench.pretrain.checkpoint import load
+    from prosmin_bench.pretrain.export import build_eval_modules
+
+    ckpt = load(prosmin_ckpt)
+    online = dict(ckpt["online"])
+    online["predictor.log_var.bias"] = torch.zeros(256)
+    online["predictor.mu.weight"] = torch.zeros(3, 3)
+    del online["predictor.log_var.weight"]
+    with pytest.raises(WeightsError) as err:
+        build_eval_modules({**ckpt, "online": online})
+    message = str(err.value)
+    assert "\n" not in message
+    assert "missing keys [predictor.log_var.weight] (1)" in message
+    assert "unexpected keys [predictor.log_var.bias] (1)" in message
+    assert "predictor.mu.weight: checkpoint (3, 3) vs model (256, 256)" in message
+    assert "pretrain it again" in message
+
+
 def _reference_head(method: str, embed_dim: int, cfg) -> nn.Module:
     """A fresh projection head of ``method``, built from its config alone (not through the method class)."""
     from prosmin_bench.pretrain.heads import DINOHead

@@ -234,7 +234,8 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(first[: end + 1] if end > 0 else first)[:160]}"
 
 
-def load_state_strict(module: nn.Module, state: StateDict, *, source: str) -> None:
+def load_state_strict(module: nn.Module, state: StateDict, *, source: str,
+                      advice: str = "Check the model's card (architecture kwargs, converter) or the file") -> None:
     """``load_state_dict(strict=True)`` with a message that lists missing and unexpected keys and shape errors."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
@@ -253,8 +254,7 @@ def load_state_strict(module: nn.Module, state: StateDict, *, source: str) -> No
         if shapes:
             parts.append(f"shape mismatches {_fmt_keys(shapes)}")
         raise WeightsError(
-            f"Checkpoint {source} does not match the architecture: {'; '.join(parts)}. "
-            "Check the model's card (architecture kwargs, converter) or the file"
+            f"Checkpoint {source} does not match the architecture: {'; '.join(parts)}. {advice}"
         )
     module.load_state_dict(state, strict=True)
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import WeightsError
+from ..models.weights import load_state_strict
 from . import checkpoint as ckpt_io
 from .config import PretrainConfig
 
@@ -56,12 +57,9 @@ def _freeze(module: nn.Module) -> nn.Module:
 
 
 def _load(net: nn.Module, state: Any, which: str) -> None:
-    try:
-        net.load_state_dict(dict(state), strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"The checkpoint's {which} network does not match its own config ({str(exc).splitlines()[0][:200]})"
-        ) from None
+    load_state_strict(net, dict(state), source=f"{which} network", advice=(
+        "The checkpoint's own config builds a different network: it was probably written by another version of "
+        "prosmin-bench; pretrain it again with this version"))
 
 
 def build_eval_modules(ckpt: Mapping[str, Any], *, predictive: bool = True, projector: bool = True) -> EvalModules:
