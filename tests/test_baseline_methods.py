@@ -308,7 +308,8 @@ def test_vit_stabilisers_freeze_the_patch_projection_and_fix_sincos_positions(re
 def test_vit_stabilisers_need_a_vit():
     cfg = tiny_cfg("dino_micro", **{"method.sincos_pos_embed": True, "arch_kwargs.class_token": False,
                                     "arch_kwargs.global_pool": "avg"})
-    with pytest.raises(ConfigError, match="sincos_pos_embed: a fixed sin-cos position embedding needs a ViT with one \\[CLS\\] token"):
+    needs = "sincos_pos_embed: a fixed sin-cos position embedding needs a ViT with one \\[CLS\\] token"
+    with pytest.raises(ConfigError, match=needs):
         build_method(cfg)
 
 

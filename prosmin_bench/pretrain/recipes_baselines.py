@@ -158,8 +158,9 @@ register_recipe(_micro(
 register_recipe(_micro(
     "mocov3_micro", "mocov3",
     # Widths scaled to the 96-wide micro ViT; everything else is MoCo-v3's ViT recipe. Measured here: on the
-    # current base loss 3.36 -> 1.24 over 308 steps, key-retrieval accuracy 0.03 -> 0.77, k-NN 0.719 (effective
-    # rank 7.5); on base (a) above loss 3.94 -> 2.74, k-NN 0.744. The official ViT knobs matter at this scale
+    # current base loss 3.36 -> 1.24 over 308 steps, key-retrieval accuracy 0.03 -> 0.77, k-NN 0.719 on one
+    # thread, 0.703 in the committed two-thread run (effective rank 7.5); on base (a) above loss 3.94 -> 2.74,
+    # k-NN 0.744. The official ViT knobs matter at this scale
     # too: on base (a) after 88 steps k-NN 0.564 with them, 0.475 with a learned position embedding and a
     # trained patch projection.
     MoCoV3Config(dim=64, mlp_dim=512),
