@@ -28,7 +28,8 @@ from prosmin_bench.pretrain.config import ConfigError, PretrainConfig
 from prosmin_bench.pretrain.methods import METHODS, MultiCropBatch, Progress
 from prosmin_bench.pretrain.methods.dino import DINO, dino_cross_entropy, teacher_temperature
 from prosmin_bench.pretrain.methods.ibot import IBOT, block_mask, draw_masks, ibot_patch_loss, vit_tokens
-from prosmin_bench.pretrain.methods.mocov3 import MoCoV3, info_nce, sincos_2d_position_embedding
+from prosmin_bench.models.architectures import sincos_2d_position_embedding
+from prosmin_bench.pretrain.methods.mocov3 import MoCoV3, info_nce
 from prosmin_bench.pretrain.recipes import get_recipe
 from prosmin_bench.pretrain.rng import SampleRNG
 from prosmin_bench.pretrain.train import build_method

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 
 from ..errors import CardError, ProsminBenchError
 from .architectures import ARCHITECTURES, build_architecture, set_sincos_position_embedding
 from .backbone import Backbone
-from .converters import PRETRAIN_FORMAT
 from .spec import MINI_PREPROCESS, ModelSpec, Preprocess, WeightsSource
 from .weights import load_weights, resolve_weights_path, sha256_state_dict
 from .zoo import catalogue, get_model_spec, list_model_names

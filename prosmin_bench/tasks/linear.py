@@ -27,7 +27,6 @@ import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np

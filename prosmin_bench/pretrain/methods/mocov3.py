@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from ... import distributed
 from ..config import ConfigError, MultiCropConfig
-from ...models.architectures import sincos_2d_position_embedding  # noqa: F401  (MoCo-v3's; re-exported here)
 from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress, embed_dim_of
 
 
