@@ -255,6 +255,23 @@ def test_pretrain_writes_a_loadable_checkpoint_and_log(tmp_path):
         pretrain("prosmin_micro", epochs=1, out_dir=tmp_path, device="cpu", overrides={**ov, "run.max_steps": 3})
 
 
+def test_the_same_run_twice_writes_byte_identical_checkpoints(tmp_path):
+    """Result records key on the checkpoint file's sha256: a re-made micro checkpoint must be the same file, or
+    every committed record would be recomputed. Python's ``random`` state, saved for resume, is seeded too (it
+    used to come from OS entropy). Drop path is on, so the torch generator is exercised."""
+    import random
+
+    from prosmin_bench.models.weights import sha256_file
+
+    overrides = {**TINY, "run.max_steps": 2}
+    digests = []
+    for name in ("a", "b"):
+        random.seed(name)  # whatever the process did before must not leak into the checkpoint
+        digests.append(sha256_file(pretrain("prosmin_micro", epochs=1, out_dir=tmp_path / name, device="cpu",
+                                            overrides=overrides)))
+    assert digests[0] == digests[1]
+
+
 def test_vits16_recipe_checkpoint_loads_strictly_as_prosmin_vits16(tmp_path):
     """The ImageNet recipe's architecture (ViT-S/16, 12 blocks) round-trips into the registry's prosmin_vits16;
     one step on the bundled digits with narrow heads and 64-px views keeps it fast on a CPU."""

@@ -35,6 +35,14 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed every generator :func:`rng_state` saves (torch and Python ``random``), so a run's checkpoints are a
+    function of its config alone: the same run twice writes byte-identical files, whose sha256 the result
+    records key on."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

@@ -183,7 +183,7 @@ class Pretrainer:
             log.info("no checkpoint at %s: starting a new run", self.ckpt_path)
         distributed.barrier()  # nobody writes before every process has read the checkpoint
 
-        torch.manual_seed(cfg.run.seed)  # same initial weights on every process (DDP also broadcasts them)
+        ckpt_io.seed_rngs(cfg.run.seed)  # same initial weights on every process (DDP also broadcasts them)
         self.method = method = build_method(cfg).to(dev)
         self.data = PretrainData(cfg, dev)
         self.sched = make_schedules(cfg, self.data.steps_per_epoch)
@@ -194,7 +194,7 @@ class Pretrainer:
         if saved is not None:
             self._restore(saved)
         else:
-            torch.manual_seed(cfg.run.seed + self.dinfo.rank)  # drop path differs per process, as in any DDP run
+            ckpt_io.seed_rngs(cfg.run.seed + self.dinfo.rank)  # drop path differs per process, as in any DDP run
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _truncate_log(self.log_path, self.step)
@@ -216,7 +216,7 @@ class Pretrainer:
         else:
             log.warning("resuming with %d processes a run saved with %s: drop-path randomness restarts",
                         world, saved.get("world_size"))
-            torch.manual_seed(self.cfg.run.seed + 1000 * self.dinfo.rank + self.step)
+            ckpt_io.seed_rngs(self.cfg.run.seed + 1000 * self.dinfo.rank + self.step)
         log.info("resuming %s from step %d of %d", self.ckpt_path, self.step, self.sched.total_steps)
 
     def save(self, at_step: int) -> None:
