@@ -3,8 +3,9 @@
 Processes are started by ``torchrun`` (or ``python -m torch.distributed.run``), which sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; multi-node runs use torchrun's usual
 ``--nnodes/--node_rank/--rdzv_*`` options. :func:`init_from_env` joins the process group (NCCL when the process
-has a CUDA device, gloo otherwise). Without those variables every helper here is the single-process identity,
-so library code calls them unconditionally.
+has a CUDA device, gloo otherwise); a single-process torchrun launch joins a group of one, so that it takes the
+multi-process path (on a one-GPU machine the only way to run NCCL). Without a launch every helper here is the
+single-process identity, so library code calls them unconditionally.
 
 Used by pretraining (gradient synchronisation, centres, checkpoint writes by rank 0) and by distributed feature
 extraction (:func:`shard_indices` + :func:`all_gather_varlen` put features back in sample order).
@@ -49,8 +50,13 @@ class DistInfo:
 
 
 def launched_by_torchrun() -> bool:
-    """True when torchrun's variables say this is one of several processes."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when torchrun started this process (it sets ``TORCHELASTIC_RUN_ID``), even as the only one, or when the
+    environment describes several processes (``WORLD_SIZE`` > 1, e.g. set by another launcher).
+
+    A single-process torchrun run joins a process group of one, so that it takes the same path as a multi-GPU run
+    (NCCL, DDP, all-reduced centre): on a machine with one GPU that is the only way to exercise NCCL at all.
+    """
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_from_env(device: str | torch.device | None = None, *, backend: str | None = None,
@@ -71,8 +77,8 @@ def init_from_env(device: str | torch.device | None = None, *, backend: str | No
     missing = [k for k in _ENV_KEYS if k not in os.environ]
     if missing:
         raise DistributedError(
-            f"WORLD_SIZE > 1 but torchrun variables {missing} are unset; launch with "
-            "`torchrun --nproc_per_node=N -m prosmin_bench pretrain ...`"
+            f"A distributed launch (torchrun, or WORLD_SIZE > 1) but torchrun variables {missing} are unset; "
+            "launch with `torchrun --nproc_per_node=N -m prosmin_bench pretrain ...`"
         )
     if not dist.is_available():
         raise DistributedError("This PyTorch build has no torch.distributed; run with a single process")

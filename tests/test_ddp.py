@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +94,33 @@ def test_single_process_helpers_are_identities():
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
     assert torch.equal(distributed.all_reduce_mean(t), t) and torch.equal(distributed.all_gather_varlen(t), t)
     distributed.barrier()
+
+
+def test_a_single_process_torchrun_launch_joins_a_group_of_one(monkeypatch):
+    """torchrun --nproc_per_node=1 (TORCHELASTIC_RUN_ID set, WORLD_SIZE=1) takes the distributed path, as on a
+    one-GPU machine where that is the only way to run NCCL; plain ``python`` with WORLD_SIZE=1 does not."""
+    from prosmin_bench import distributed
+
+    for key in ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.launched_by_torchrun()
+    assert distributed.init_from_env("cpu").backend is None and not distributed.is_initialized()
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    with pytest.raises(distributed.DistributedError, match=r"\['RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'\]"):
+        distributed.init_from_env("cpu")
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        info = distributed.init_from_env("cpu")
+        assert (info.rank, info.world_size, info.backend) == (0, 1, "gloo") and distributed.is_initialized()
+        assert torch.equal(distributed.all_reduce_mean(torch.tensor([3.0])), torch.tensor([3.0]))
+    finally:
+        distributed.destroy()
+    assert not distributed.is_initialized()
 
 
 def test_two_process_gloo_run_matches_one_process(tmp_path):

@@ -22,6 +22,20 @@ defaults says where it comes from).
   0.0067; the released head has no bias) keeps the target's spread (0.0067 at the end) and lifts the k-NN on
   *centred* features to 0.65 / 0.68, but the protocol's raw-cosine k-NN falls to 0.553 / 0.492 as a common offset
   grows in the features (with BN in the head 0.597, without same-view pairs 0.556, bias -6 0.558, EMA 0.99 0.581).
+  Longer runs on one GPU (NVIDIA H200, bf16 autocast, 2026-11-26; seed 0, the same k-NN; `prosmin-bench pretrain
+  --recipe prosmin_micro --epochs N [--set ...]`) show that the budget is not what holds ProSMin back here: the
+  recipe as it is gives 0.589 at 14 epochs, 0.603 at 140 and 0.583 at 279 (a 420-epoch run stopped by its time
+  limit), its projector collapsed each time (per-dimension std x sqrt(K) <= 0.0013), while dino_micro in the same
+  loop goes from 0.683 at 14 epochs to 0.869 at 140. At 140 epochs: weight decay 0 0.617; the released code's
+  settings (EMA from 0.9, normalised predictor, trainable last-layer norm, weight decay 0.065 -> 0.65) 0.578;
+  4 local crops 0.586; paper-like widths (K = 4096, head 2048 / 256, predictor 4096; 2748 of 3080 steps) 0.611;
+  batch 256 0.514; lam = 0.3, an improper score (lam < 1/2), drives sigma to infinity and stops with a
+  non-finite loss at step 73. BN in the head is the one variant that keeps the projector spread (std x sqrt(K)
+  0.82 throughout) and learns beyond the initialisation: 0.678 at 140 epochs (backbone effective rank 8.1), the
+  paper's Table 3 "with BN" row being 68.5 at ImageNet scale. On two CPU cores BN gives 0.522 at 14 epochs (lr
+  2e-3 or 4e-3) and 0.539 at 28, still below the initialisation: it needs about ten times this recipe's budget
+  (10 x 101 s, about 17 minutes here), so the recipe keeps its two-minute length and the leaderboard shows the
+  collapse with its metrics (PROTOCOLS.md: a faithful method that collapses at micro scale is a finding).
 """
 
 from __future__ import annotations
