@@ -199,3 +199,21 @@ def test_device_agnostic_cuda() -> None:
         gpu = energy_score(z.cuda(), y.cuda(), lam=0.4, distance=distance)
         assert gpu.device.type == "cuda"
         assert gpu.item() == pytest.approx(cpu.item(), rel=1e-10)
+
+
+def test_l1_score_of_a_wide_gaussian_matches_its_closed_form_and_rewards_spread_below_lam_0414():
+    """Samples N(y, sigma^2 I) around the target: E|z - y| = sigma sqrt(2/pi), E|z - z'| = 2 sigma / sqrt(pi) per
+    dimension, so the L1 score is sigma (2 sqrt(2/pi) lam - (1 - lam) 2 / sqrt(pi)). It falls as sigma grows when
+    lam < 1 / (1 + sqrt 2) ~= 0.414: why lam = 0.3 drove sigma to infinity in a prosmin_micro run (recipes.py),
+    while the released 1/2.2 does not."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 256, generator=g, dtype=torch.float64)
+    eps = torch.randn(300, 2, 256, generator=g, dtype=torch.float64)
+    a, b = math.sqrt(2 / math.pi), 2 / math.sqrt(math.pi)
+    for lam in (0.3, 1 / (1 + math.sqrt(2)), 1 / 2.2, 0.5):
+        for sigma in (1.0, 10.0):
+            got = energy_score(y + sigma * eps, y, lam=lam, distance="l1").item()
+            want = sigma * (2 * a * lam - (1 - lam) * b)
+            assert got == pytest.approx(want, abs=5e-3 * sigma), (lam, sigma)
+    slope = lambda lam: (2 * a * lam - (1 - lam) * b)  # noqa: E731
+    assert slope(0.3) < 0 < slope(1 / 2.2) and slope(1 / (1 + math.sqrt(2))) == pytest.approx(0, abs=1e-12)
