@@ -631,8 +631,18 @@ def _c_absent(root: Path) -> list[str]:
             f"found ['imagenet/'] in {str(root)!r}"]
 
 
-@pytest.mark.parametrize("damage", [_c_severities_missing, _c_corruptions_missing, _c_absent],
-                         ids=["severities-missing", "corruptions-missing", "no-imagenet-c"])
+def _c_images_missing(root: Path) -> list[str]:
+    from prosmin_bench.data.folder import imagenet_wnids
+
+    w = imagenet_wnids()[1]
+    (root / "imagenet-c" / "fog" / "3" / w / f"val_{w}.JPEG").unlink()  # an extraction stopped part-way
+    return ["inet_c: 1 of 75 splits of 'imagenet_c' do not hold the clean test set's images (imagenet:val: 2 "
+            "images), e.g. ['fog/3: 1 image(s), 1 class(es) with another count']",
+            "a download or extraction stopped part-way"]
+
+
+@pytest.mark.parametrize("damage", [_c_severities_missing, _c_corruptions_missing, _c_absent, _c_images_missing],
+                         ids=["severities-missing", "corruptions-missing", "no-imagenet-c", "images-missing"])
 def test_incomplete_imagenet_c_names_what_is_missing_and_where_to_get_it(tmp_path, capsys, damage):
     from prosmin_bench.data.folder import imagenet_wnids
 

@@ -51,9 +51,8 @@ def make_fake_root(root: Path) -> Path:
         for i in range(VAL_PER_CLASS):
             _jpeg(root / "imagenet" / "val" / w / f"ILSVRC2012_val_{w}_{i}.JPEG", rng)
             for c in CORRUPTIONS:  # ImageNet-C images are stored already cropped (here: at the model's 32 px)
-                for s in range(1, 6):
-                    if i < 2:
-                        _jpeg(root / "imagenet-c" / c / str(s) / w / f"ILSVRC2012_val_{w}_{i}.JPEG", rng, 32)
+                for s in range(1, 6):  # and are the val images, every one (the task checks)
+                    _jpeg(root / "imagenet-c" / c / str(s) / w / f"ILSVRC2012_val_{w}_{i}.JPEG", rng, 32)
     for w in O_WNIDS:  # all 200 ImageNet-O folders, one image each
         _jpeg(root / "imagenet-o" / w / f"{w}_o.JPEG", rng)
     for t in TRANSFER:

@@ -68,11 +68,22 @@ def test_a_card_with_fewer_than_15_corruptions_is_refused(tmp_path):
 
 @pytest.fixture
 def small_digits_c(monkeypatch):
+    """The first N_IMAGES digits test images as both the clean test split and digits_c's base, so the clean and
+    corrupted sets hold the same images, as the task requires."""
+    import dataclasses
+
+    from prosmin_bench.data import DATASETS
+    from prosmin_bench.data.bundled import load_digits_split
+
     base = resolve_dataset("digits:test")
     small = ArrayImageDataset(base.images[:N_IMAGES], base.labels[:N_IMAGES], base.class_names,
                               f"{base.fingerprint}-first{N_IMAGES}")
     monkeypatch.setattr(corruptions, "digits_c_base", lambda: small)
-    return small
+    spec = DATASETS.get("digits")
+    DATASETS.add("digits", dataclasses.replace(spec, loader=lambda split, root=None: (
+        small if split == "test" else load_digits_split(split))), replace=True)
+    yield small
+    DATASETS.add("digits", spec, replace=True)
 
 
 def test_digits_c_matches_a_direct_evaluation(tmp_path, small_digits_c):

@@ -134,6 +134,34 @@ def corrupted_ref(dataset: str, corruption: str, severity: int) -> str:
     return f"{dataset}:{corruption}/{severity}"
 
 
+def check_same_images(ctx: TaskContext, task: str, test_ref: Any, corrupted: str) -> None:
+    """Every ``<corruption>/<severity>`` split must hold the clean test set's images, class by class (ImageNet-C is
+    ImageNet val under each corruption; digits_c is the digits test split). A split with fewer or more images,
+    e.g. an archive extracted part-way, would give an error rate over another set of images and a wrong mCE, so
+    it is refused with the splits named; the datasets are only listed here, before any feature is computed."""
+    from ..data import DATASETS
+
+    clean = ctx.dataset(test_ref)
+    want = np.bincount(np.asarray(clean.labels), minlength=len(clean.class_names))
+    bad = []
+    for c in CORRUPTIONS:
+        for s in SEVERITIES:
+            split = ctx.dataset(corrupted_ref(corrupted, c, s))
+            got = np.bincount(np.asarray(split.labels), minlength=len(want))
+            n = max(len(got), len(want))
+            diff = int((np.pad(got, (0, n - len(got))) != np.pad(want, (0, n - len(want)))).sum())
+            if diff:
+                bad.append(f"{c}/{s}: {len(split)} image(s), {diff} class(es) with another count")
+    if bad:
+        name = test_ref if isinstance(test_ref, str) else "the test set"
+        raise DataError(
+            f"{task}: {len(bad)} of {len(CORRUPTIONS) * len(SEVERITIES)} splits of {corrupted!r} do not hold the "
+            f"clean test set's images ({name}: {len(clean)} images), e.g. {bad[:3]}; each split holds the same "
+            "images class by class, so a download or extraction stopped part-way (of these splits or of the clean "
+            f"set); expected {DATASETS.get(corrupted).layout}. Get the missing files: {DATASETS.get(corrupted).source}"
+        )
+
+
 def pixel_tree_reference(ctx: TaskContext, train_ref: Any, test_ref: Any, corrupted: str) -> dict[str, Any]:
     """The pixel_tree reference model's errors: ``{"errors": {c: [5 errors]}, "clean_error": e}`` (cached)."""
     import sklearn
@@ -226,6 +254,7 @@ class CorruptionTask(Task):
 
         p = self.params
         ds = self.spec.datasets
+        check_same_images(ctx, self.spec.name, ds["test"], p.corrupted)
         shared = shared_linear_head(ctx, p.head_task, card=self.spec.card, train_ref=ds["train"], test_ref=ds["test"])
 
         def evaluate(feats: Any) -> tuple[float, float, float]:
