@@ -106,6 +106,12 @@ def cache_key(model: Any, dataset_id: str, fingerprint: str, layer: str, precisi
         "precision": precision,
         "dtype": dtype,
     }
+    # Which network of a pretraining checkpoint the backbone is (models.converters.pretrain_eval_network): the
+    # weights file is the same either way. Every cache entry written before MoCo-v3 checkpoints were evaluated with
+    # their base encoder came from the target network, so only another network enters the key: those stay valid.
+    network = getattr(model, "network", None)
+    if network not in (None, "target"):
+        parts["network"] = network
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

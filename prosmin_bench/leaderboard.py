@@ -430,7 +430,8 @@ METRIC_GROUPS: tuple[MetricGroup, ...] = (
     ),
     MetricGroup(
         title="Projector outputs (checkpoints of the pretraining module only)",
-        note="Measured on the target network's projection head output; models from other sources have no row here.",
+        note="Measured on the projection head output of the evaluated network (the target network; MoCo-v3's base "
+             "encoder); models from other sources have no row here.",
         prefixes=("proj_",),
         descriptions=(("proj_", "`proj_*`: the collapse metrics on the projector outputs [N, K]"),),
     ),

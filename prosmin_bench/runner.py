@@ -66,7 +66,9 @@ def suite_tasks(suite: str) -> list[str]:
     return [n for n, s in task_catalogue().items() if s.suite == suite]
 
 
-def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str) -> ResultRecord | None:
+def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str,
+                 network: str | None = None) -> ResultRecord | None:
+    """The record at ``path`` if it already answers this (task version, weights, seeds, evaluated network)."""
     if not path.is_file():
         return None
     try:
@@ -77,6 +79,10 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str) -> 
     if not isinstance(rec, ResultRecord):
         return None
     if rec.task_version != spec.version or rec.weights_sha256 != sha:
+        return None
+    # A pretraining checkpoint evaluated through another of its networks (records from before MoCo-v3 checkpoints
+    # were evaluated with their base encoder say nothing, which meant the target network).
+    if network is not None and (rec.model_info or {}).get("network", "target") != network:
         return None
     if not set(seeds) <= set(rec.seeds):
         return None
@@ -306,7 +312,7 @@ def _run_one(model: Any, spec: TaskSpec, opts: RunOptions, device: torch.device,
         extras=extras,
         model_info={"method": mspec.method, "arch": mspec.arch, "weights": mspec.weights.kind,
                     "recipe": mspec.weights.recipe, "pretrained_on": list(mspec.pretrained_on),
-                    "weights_path": model.weights_path},
+                    "weights_path": model.weights_path, **({"network": model.network} if model.network else {})},
         versions=versions(), git_commit=git_commit(), device=str(device), wall_time_s=wall,
         images_per_second=(sum(ips) / len(ips)) if ips else None, timestamp_utc=utc_now(),
     )
@@ -383,7 +389,8 @@ def evaluate(
             path = record_path(opts.results_dir, mspec.name, tspec.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(path) + ".lock"):
-                done = None if opts.overwrite else _existing_ok(path, tspec, opts.seeds, model.weights_sha256)
+                done = None if opts.overwrite else _existing_ok(path, tspec, opts.seeds, model.weights_sha256,
+                                                                model.network)
                 if done is not None:
                     log.info("%s / %s: up to date (%s = %.4f)", mspec.name, tspec.name, done.main_score, done.main_value)
                     records.append(done)

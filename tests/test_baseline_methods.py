@@ -427,10 +427,20 @@ def test_pretraining_checkpoint_loads_as_the_registered_micro_model(tmp_path, re
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1] and all(math.isfinite(r["loss"]) for r in lines)
     model = get_model(recipe, weights=path)
-    ref = build_architecture("vit_micro")
-    ref.load_state_dict({k[len("backbone."):]: v for k, v in ckpt["target"].items() if k.startswith("backbone.")})
+    # MoCo-v3 is evaluated with its base (online) encoder, as its main_lincls.py does; the others with the target
+    # network, as DINO and iBOT evaluate their teacher
+    network = "online" if recipe == "mocov3_micro" else "target"
+    assert model.network == network
+
+    def backbone(net: str):
+        ref = build_architecture("vit_micro")
+        ref.load_state_dict({k[len("backbone."):]: v for k, v in ckpt[net].items() if k.startswith("backbone.")})
+        return ref.eval()
+
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(model(x), ref.eval()(x))
+    torch.testing.assert_close(model(x), backbone(network)(x))
+    other_net = {"online": "target", "target": "online"}[network]
+    assert not torch.allclose(model(x), backbone(other_net)(x))  # two steps apart: the test can tell them apart
     other = "dino_micro" if recipe != "dino_micro" else "mocov3_micro"
     with pytest.raises(WeightsError, match=f"is a {recipe.split('_')[0]} checkpoint"):
         get_model(other, weights=path)

@@ -90,6 +90,17 @@ def test_cache_key_separates_precision_dtype_layer_and_dataset(model):
     assert len(keys) == 6
 
 
+def test_cache_key_separates_the_networks_of_a_pretraining_checkpoint(model, monkeypatch):
+    """One checkpoint file, two networks (MoCo-v3 is evaluated with its online encoder): two keys; the target
+    network keeps the key it had before the network was recorded, so existing caches stay valid."""
+    base = ("d", "fp", "cls", "fp32", "float32")
+    before = cache_key(model, *base)
+    monkeypatch.setattr(model, "network", "target", raising=False)
+    assert cache_key(model, *base) == before
+    monkeypatch.setattr(model, "network", "online", raising=False)
+    assert cache_key(model, *base) != before
+
+
 def test_bad_arguments(model):
     with pytest.raises(FeatureError, match="precision"):
         extract(model, digits(3), dataset_id="d", precision="fp8", cache=False)

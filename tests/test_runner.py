@@ -176,3 +176,35 @@ def test_a_checkpoint_from_a_changed_recipe_is_used_with_a_warning(caplog):
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "differs from recipe prosmin_micro as it is now" in warning and expected[0] in warning and expected[1] in warning
     assert "move the checkpoint's folder" in warning
+
+
+def test_records_say_which_network_of_a_pretraining_checkpoint_they_evaluated(tmp_path):
+    """A MoCo-v3 checkpoint is evaluated with its base (online) encoder and its records say so; a record that does
+    not say (written when the target network was evaluated) is recomputed, while other methods' records, whose
+    network is the target as before, stay up to date."""
+    import prosmin_bench.pretrain.recipes_baselines  # noqa: F401  (registers the baselines' recipes)
+    from prosmin_bench.pretrain import pretrain
+    from prosmin_bench.runner import RunOptions, evaluate
+
+    small = {  # two steps with narrow heads: fast; what matters is which network is loaded
+        "mocov3_micro": {"method.mlp_dim": 32, "method.dim": 16},
+        "dino_micro": {"method.out_dim": 32, "method.head_hidden_dim": 32, "method.head_bottleneck_dim": 16},
+    }
+    res, old = tmp_path / "res", "2000-01-01T00:00:00Z"
+    for recipe, network in (("mocov3_micro", "online"), ("dino_micro", "target")):
+        path = pretrain(recipe, epochs=1, out_dir=tmp_path / recipe, device="cpu",
+                        overrides={**small[recipe], "run.max_steps": 2})
+        opts = RunOptions(seeds=(0,), device="cpu", results_dir=res, weights=str(path), pretrain_missing=False)
+        (rec,) = evaluate([recipe], ["digits_knn"], options=opts)
+        assert rec.model_info["network"] == network
+        file = record_path(res, recipe, "digits_knn")
+        data = json.loads(file.read_text())
+        del data["model_info"]["network"]  # as written before records said which network
+        data["timestamp_utc"] = old
+        file.write_text(json.dumps(data))
+        evaluate([recipe], ["digits_knn"], options=opts)
+        again = read_record(file)
+        if network == "online":  # recomputed: the old record measured the target network
+            assert again.timestamp_utc != old and again.model_info["network"] == "online"
+        else:  # the target network, as before: still up to date
+            assert again.timestamp_utc == old

@@ -60,7 +60,7 @@ def get_model(
     """
     spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
     path = resolve_weights_path(spec, weights, weights_dir)
-    predictive = projector = None
+    predictive = projector = network = None
     if path is None:  # random init, fixed by the spec's seed so "random_micro" is one model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.weights.seed)
@@ -76,10 +76,12 @@ def get_model(
         digest, fmt, ckpt = load_weights(net, spec, path, verify_sha=weights is None)
         if fmt == "prosmin_bench":  # the pretraining module's checkpoints also carry the heads (issues 7, 10)
             from ..pretrain.export import build_eval_modules
+            from .converters import pretrain_eval_network
 
             heads = build_eval_modules(ckpt)
             predictive, projector = heads.predictive, heads.projector
+            network = pretrain_eval_network(ckpt)
         del ckpt
     model = Backbone(spec, net, digest, predictive=predictive, projector=projector,
-                     weights_path=str(path) if path else None)
+                     weights_path=str(path) if path else None, network=network)
     return model.to(resolve_device(device))

@@ -42,18 +42,21 @@ class Backbone(nn.Module):
         predictive: optional module mapping images [N, 3, H, W] to ``(mu [N, K], sigma [N, K])``: ProSMin's
             online network (online backbone -> projection head -> probabilistic predictor), kept in the
             checkpoint by the pretraining module.
-        projector: optional module mapping images [N, 3, H, W] to the projection [N, K]: the target network
-            (target backbone -> target projection head) of a checkpoint written by the pretraining module.
+        projector: optional module mapping images [N, 3, H, W] to the projection [N, K]: the evaluated network
+            (its backbone -> its projection head) of a checkpoint written by the pretraining module.
+        network: for a checkpoint of the pretraining module, which of its networks ``net`` is ("target" or
+            "online"; ``models.converters.pretrain_eval_network``); None for other weights.
     """
 
     def __init__(
         self, spec: ModelSpec, net: nn.Module, weights_sha256: str, predictive: nn.Module | None = None,
-        weights_path: str | None = None, projector: nn.Module | None = None,
+        weights_path: str | None = None, projector: nn.Module | None = None, network: str | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
         self.net = net
         self.weights_sha256 = weights_sha256
+        self.network = network
         self.weights_path = weights_path
         self.predictive_head = predictive
         self.projector_head = projector

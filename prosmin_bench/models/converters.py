@@ -124,13 +124,29 @@ def convert_mocov3(ckpt: Mapping[str, Any]) -> StateDict:
     return _nonempty(strip_prefix(inner, prefix, drop=("head",)), inner, prefix, "MoCo-v3")
 
 
+#: Methods whose pretraining checkpoints are evaluated with the online network rather than the target (EMA) one:
+#: MoCo-v3's main_lincls.py keeps ``module.base_encoder`` (the online encoder), as :func:`convert_mocov3` does for
+#: the official checkpoints. DINO and iBOT evaluate their teacher (eval_knn.py / eval_linear.py
+#: ``--checkpoint_key teacher``) and ProSMin its target network: the default.
+ONLINE_EVALUATED = frozenset({"mocov3"})
+
+
+def pretrain_eval_network(ckpt: Mapping[str, Any]) -> str:
+    """``"target"`` or ``"online"``: which network of this suite's pretraining checkpoint is evaluated."""
+    if ckpt.get("method") in ONLINE_EVALUATED:
+        return "online"
+    target = ckpt.get("target")
+    if isinstance(target, Mapping) and _has_prefix(target, "backbone."):
+        return "target"
+    return "online"  # a method without a target network saves ``target = {}``
+
+
 @CONVERTERS.register("prosmin_bench")
 def convert_prosmin_bench(ckpt: Mapping[str, Any]) -> StateDict:
-    """This suite's pretraining checkpoint -> the target (EMA) network's backbone, as DINO evaluates its teacher
-    (for methods without a target network the checkpoint's ``target`` holds the online backbone)."""
-    net = _require(ckpt, "target", "prosmin-bench pretraining")
-    if not _has_prefix(net, "backbone."):  # a method without a target network saves ``target = {}``
-        net = _require(ckpt, "online", "prosmin-bench pretraining")
+    """This suite's pretraining checkpoint -> the backbone of the network its method is evaluated with
+    (:func:`pretrain_eval_network`): the target (EMA) network, as DINO evaluates its teacher, except for MoCo-v3
+    (its base encoder) and methods without a target network."""
+    net = _require(ckpt, pretrain_eval_network(ckpt), "prosmin-bench pretraining")
     return _nonempty(strip_prefix(net, "backbone."), net, "backbone.", "prosmin-bench pretraining")
 
 

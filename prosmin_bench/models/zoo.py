@@ -42,7 +42,9 @@ for _method, _label in (("prosmin", "ProSMin"), ("dino", "DINO"), ("ibot", "iBOT
         name=f"{_method}_micro", arch="vit_micro", weights=WeightsSource(recipe=f"{_method}_micro"),
         preprocess=MINI_PREPROCESS, scale="mini", method=_method, pretrained_on=("digits:train",),
         description=f"vit_micro pretrained with {_label} on the digits train split by `prosmin-bench pretrain "
-        f"--recipe {_method}_micro` (target/teacher backbone)",
+        f"--recipe {_method}_micro` ("
+        + ("base (online) encoder, as MoCo-v3's main_lincls.py" if _method == "mocov3" else "target/teacher backbone")
+        + ")",
     ))
 
 _MODEL_FIELDS = {

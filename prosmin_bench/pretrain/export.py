@@ -3,9 +3,10 @@
 - :func:`build_predictive` rebuilds ProSMin's online network (online backbone -> projection head -> probabilistic
   predictor) as a module mapping images [N, 3, H, W] to ``(mu [N, K], sigma [N, K])``; the OOD, linear and
   collapse tasks score its sigma (issue 10).
-- :func:`build_projector` rebuilds the target network (target backbone -> target projection head) as a module
-  mapping images [N, 3, H, W] to the projection [N, K] the loss compares against (issue 7: collapse metrics on
-  projector outputs). For methods without a target network, the online backbone and head.
+- :func:`build_projector` rebuilds the evaluated network (``models.converters.pretrain_eval_network``: the
+  target network for ProSMin, DINO and iBOT, the base (online) encoder for MoCo-v3 and methods without a target)
+  as backbone -> projection head, a module mapping images [N, 3, H, W] to the projection [N, K] (issue 7:
+  collapse metrics on projector outputs), so the projector rows describe the same network as the backbone rows.
 - :func:`build_eval_modules` gives both from one build of the method (the model registry uses it: a ProSMin
   ViT-S/16 method holds ~0.5 B parameters, most of them in the predictor, so it is built once, not twice).
 
@@ -77,7 +78,10 @@ def build_eval_modules(ckpt: Mapping[str, Any], *, predictive: bool = True, proj
         pred = _freeze(pred)
     proj = None
     if projector:
-        net, key = (method.target, "target") if method.target is not None else (method.online, "online")
+        from ..models.converters import pretrain_eval_network
+
+        key = pretrain_eval_network(ckpt)
+        net = method.online if key == "online" or method.target is None else method.target
         if isinstance(getattr(net, "head", None), nn.Module) and isinstance(getattr(net, "backbone", None), nn.Module):
             if key not in ckpt or not isinstance(ckpt[key], Mapping):
                 raise WeightsError(f"The pretraining checkpoint has no {key!r} state; it is damaged")
@@ -94,9 +98,9 @@ def build_predictive(ckpt: Mapping[str, Any]) -> nn.Module | None:
 
 
 def build_projector(ckpt: Mapping[str, Any]) -> nn.Module | None:
-    """``images [N, 3, H, W] -> projection [N, K]`` through the TARGET network (backbone -> projection head) of a
-    pretraining checkpoint (the online one for methods without a target), in eval mode and frozen; the state is
-    loaded strictly. ``None`` when the network has no projection head."""
+    """``images [N, 3, H, W] -> projection [N, K]`` through the evaluated network (backbone -> projection head) of
+    a pretraining checkpoint: the target network, or the online one for MoCo-v3 and methods without a target; in
+    eval mode and frozen, the state loaded strictly. ``None`` when the network has no projection head."""
     return build_eval_modules(ckpt, predictive=False).projector
 
 
