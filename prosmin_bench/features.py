@@ -109,9 +109,8 @@ def cache_key(model: Any, dataset_id: str, fingerprint: str, layer: str, precisi
     # Which network of a pretraining checkpoint the backbone is (models.converters.pretrain_eval_network): the
     # weights file is the same either way. Every cache entry written before MoCo-v3 checkpoints were evaluated with
     # their base encoder came from the target network, so only another network enters the key: those stay valid.
-    network = getattr(model, "network", None)
-    if network not in (None, "target"):
-        parts["network"] = network
+    if model.network not in (None, "target"):
+        parts["network"] = model.network
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -370,7 +369,7 @@ def extract(
     (what a protocol running on rank 0 alone must do).
 
     Args:
-        model: a Backbone (``.spec``, ``.weights_sha256``, ``.transform``, ``.features(images, layer)``).
+        model: a Backbone (``.spec``, ``.weights_sha256``, ``.network``, ``.transform``, ``.features(images, layer)``).
         dataset: an ImageDataset (``.fingerprint``, ``.with_transform``).
         dataset_id: the dataset's name, version and split, e.g. ``digits@1:train``.
         layer: "cls", "cls_lastN", "avgpool", "predictive_mu", "predictive_sigma" or "projector".

@@ -10,6 +10,7 @@ import torch
 from ..errors import CardError, ProsminBenchError
 from .architectures import ARCHITECTURES, build_architecture, set_sincos_position_embedding
 from .backbone import Backbone
+from .converters import pretrain_eval_network
 from .spec import MINI_PREPROCESS, ModelSpec, Preprocess, WeightsSource
 from .weights import load_weights, resolve_weights_path, sha256_state_dict
 from .zoo import catalogue, get_model_spec, list_model_names
@@ -76,7 +77,6 @@ def get_model(
         digest, fmt, ckpt = load_weights(net, spec, path, verify_sha=weights is None)
         if fmt == "prosmin_bench":  # the pretraining module's checkpoints also carry the heads (issues 7, 10)
             from ..pretrain.export import build_eval_modules
-            from .converters import pretrain_eval_network
 
             heads = build_eval_modules(ckpt)
             predictive, projector = heads.predictive, heads.projector

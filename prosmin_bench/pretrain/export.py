@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import WeightsError
+from ..models.converters import pretrain_eval_network
 from ..models.weights import load_state_strict
 from . import checkpoint as ckpt_io
 from .config import PretrainConfig
@@ -78,10 +79,8 @@ def build_eval_modules(ckpt: Mapping[str, Any], *, predictive: bool = True, proj
         pred = _freeze(pred)
     proj = None
     if projector:
-        from ..models.converters import pretrain_eval_network
-
-        key = pretrain_eval_network(ckpt)
-        net = method.online if key == "online" or method.target is None else method.target
+        key = pretrain_eval_network(ckpt)  # "online" also for a method without a target network
+        net = method.online if key == "online" else method.target
         if isinstance(getattr(net, "head", None), nn.Module) and isinstance(getattr(net, "backbone", None), nn.Module):
             if key not in ckpt or not isinstance(ckpt[key], Mapping):
                 raise WeightsError(f"The pretraining checkpoint has no {key!r} state; it is damaged")

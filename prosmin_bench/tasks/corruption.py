@@ -83,6 +83,7 @@ class _PreprocessedView:
         self.spec = dataclasses.replace(model.spec, preprocess=preprocess)
         self.transform = preprocess.build()
         self.weights_sha256 = model.weights_sha256
+        self.network = model.network  # part of the feature cache key, like the weights
 
     def eval(self) -> "_PreprocessedView":
         self._model.eval()

@@ -72,7 +72,8 @@ class Classifier(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, layer: str, seed: int) -> None:
         super().__init__()
         # Copy only the network (not a predictive head the backbone may carry) and unfreeze it.
-        self.backbone = Backbone(backbone.spec, copy.deepcopy(backbone.net), backbone.weights_sha256)
+        self.backbone = Backbone(backbone.spec, copy.deepcopy(backbone.net), backbone.weights_sha256,
+                                 network=backbone.network)
         for p in self.backbone.parameters():
             p.requires_grad_(True)
         self.layer = layer
