@@ -33,7 +33,7 @@ import time
 import torch
 
 import prosmin_bench.pretrain.recipes_baselines  # noqa: F401  (registers the baselines' recipes)
-from prosmin_bench.pretrain.config import ConfigError, apply_overrides
+from prosmin_bench.pretrain.config import ConfigError, apply_overrides, parse_overrides
 from prosmin_bench.pretrain.data import PretrainData
 from prosmin_bench.pretrain.methods import MultiCropBatch, Progress
 from prosmin_bench.pretrain.recipes import get_recipe
@@ -129,16 +129,6 @@ class Stepper:
         self.step_i += 1
 
 
-def _parse_set(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"Expected --set KEY=VALUE, but got {item!r}")
-        out[key] = value
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", choices=sorted(SUFFIX), default="micro")
@@ -151,7 +141,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfgs = recipe_configs(args.scale, _parse_set(args.overrides))
+    cfgs = recipe_configs(args.scale, parse_overrides(args.overrides))
     names = list(cfgs)
     peak: dict[str, float] = {}
     steppers: dict[str, Stepper] = {}

@@ -20,6 +20,7 @@ import time
 import torch
 
 from prosmin_bench.pretrain import resolve_config
+from prosmin_bench.pretrain.config import parse_overrides
 from prosmin_bench.pretrain.data import PretrainData
 from prosmin_bench.pretrain.losses import multiview_energy_score
 from prosmin_bench.pretrain.methods import Progress
@@ -59,8 +60,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    overrides = dict(item.split("=", 1) for item in a.overrides)
-    cfg = resolve_config(a.recipe, overrides=overrides)
+    cfg = resolve_config(a.recipe, overrides=parse_overrides(a.overrides))
     dev = torch.device("cpu")
     torch.manual_seed(0)
     data = PretrainData(cfg, dev)

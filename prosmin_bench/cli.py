@@ -199,13 +199,9 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from .pretrain import pretrain
+    from .pretrain.config import parse_overrides
 
-    overrides = {}
-    for item in a.set:
-        if "=" not in item:
-            raise ProsminBenchError(f"Expected --set KEY=VALUE, but got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v.strip()
+    overrides = parse_overrides(a.set)
     if a.data_root is not None:
         overrides.setdefault("data_root", str(a.data_root))
     path = pretrain(a.recipe, epochs=a.epochs, out_dir=a.out, resume=a.resume, device=a.device,

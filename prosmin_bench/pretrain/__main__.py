@@ -12,6 +12,7 @@ import sys
 
 from ..errors import ProsminBenchError
 from . import pretrain
+from .config import ConfigError, parse_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ns = parser.parse_args(argv)
-    overrides = {}
-    for item in ns.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"expected --set KEY=VALUE, but got {item!r}")
-        overrides[key.strip()] = value.strip()
+    try:
+        overrides = parse_overrides(ns.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         path = pretrain(ns.recipe, epochs=ns.epochs, out_dir=ns.out, resume=ns.resume, device=ns.device,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -250,6 +250,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 #: Short prefixes accepted in overrides: ``method.lam`` means ``method_config.lam``.
 _ALIASES = {"method": "method_config"}
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``["optim.lr=1e-3", ...]`` (repeated ``--set KEY=VALUE`` options) -> ``{"optim.lr": "1e-3", ...}``, keys and
+    values stripped; a ConfigError for an item without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"Expected --set KEY=VALUE, but got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def apply_overrides(cfg: PretrainConfig, overrides: Mapping[str, Any] | None) -> PretrainConfig:
