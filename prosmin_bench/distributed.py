@@ -14,6 +14,8 @@ extraction (:func:`shard_indices` + :func:`all_gather_varlen` put features back 
 from __future__ import annotations
 
 import datetime
+import importlib
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -91,6 +93,12 @@ def init_from_env(device: str | torch.device | None = None, *, backend: str | No
         raise DistributedError("The NCCL backend needs CUDA devices; use gloo on CPU")
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    # torch._dynamo must be imported before the group exists. Imported afterwards (timm and torchvision import it),
+    # it keeps references to the default group (seen with torch 2.14), so destroy_process_group() no longer frees
+    # it: the gloo worker threads outlive the group, and one releasing a finished collective's tensors during
+    # interpreter shutdown aborts the process ("terminate called without an active exception") after the job's
+    # work is done. tests/test_ddp.py checks that leaving the group ends its threads.
+    importlib.import_module("torch._dynamo")  # (an `import torch._dynamo` here would make `torch` a local name)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     i = info()
     log.info("joined process group: rank %d of %d (local rank %d, %s)", i.rank, i.world_size, i.local_rank, backend)
@@ -226,8 +234,13 @@ def wrap_ddp(module: nn.Module, device: torch.device, *, find_unused_parameters:
         else:  # SyncBatchNorm is GPU-only in PyTorch
             log.warning("BatchNorm layers use per-process batch statistics on %s (SyncBatchNorm needs CUDA)", device)
     ids = [device.index] if device.type == "cuda" else None
+    # No buffer broadcast before each forward. PyTorch >= 2.14 spells that `forward_sync_buffers=False` and warns
+    # (FutureWarning) on `broadcast_buffers=False`; the new spelling also syncs buffers once at construction, which
+    # changes nothing here: every rank builds the same model from the same seed (or loads the same checkpoint).
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
     return nn.parallel.DistributedDataParallel(
-        module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters
+        module, device_ids=ids, find_unused_parameters=find_unused_parameters, **no_sync
     )
 
 

@@ -123,11 +123,45 @@ def test_a_single_process_torchrun_launch_joins_a_group_of_one(monkeypatch):
     assert not distributed.is_initialized()
 
 
+#: Joins the group, then imports what a model load imports (timm -> torchvision -> torch._dynamo), leaves the group,
+#: and prints how many threads the process had before joining and after leaving.
+_LEAVE_SCRIPT = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from prosmin_bench import distributed
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+info = distributed.init_from_env("cpu", timeout_s=60)
+import timm  # noqa: F401
+distributed.destroy()
+print("THREADS", info.backend, before, threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_leaving_the_group_ends_its_threads_even_after_importing_the_model_stack(tmp_path):
+    """A group that outlives destroy() keeps gloo worker threads running into interpreter shutdown, where they can
+    abort the process after its work is done (seen as a rare 'terminate called without an active exception', exit
+    -6, at the end of a torchrun job). Importing torch._dynamo after joining used to keep the group alive."""
+    script = tmp_path / "leave.py"
+    script.write_text(_LEAVE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(REPO)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("THREADS")]
+    _, backend, before, after = line.split()
+    assert backend == "gloo"
+    assert int(after) == int(before), f"{before} threads before joining the group, {after} after leaving it"
+
+
 def test_two_process_gloo_run_matches_one_process(tmp_path):
     from prosmin_bench.pretrain import pretrain
 
     res = _launch(tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Warning" not in res.stderr, res.stderr[-3000:]  # e.g. DDP's FutureWarning on deprecated arguments
     ranks = [torch.load(tmp_path / "run" / f"rank{r}_state.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
     # identical parameters on both ranks (online, target) and identical centres
     for part in ("online", "target", "method_state"):

@@ -7,11 +7,13 @@ tests/test_distributed_extraction.py OUT`` extracts on every rank and dumps what
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,44 +53,76 @@ def worker(out: Path) -> None:
     from prosmin_bench.features import extract
     from prosmin_bench.models import get_model
 
+    # A crash inside torch's C++ (gloo) prints no Python traceback; these leave the test a trace of where it was:
+    # faulthandler dumps every thread's Python stack on SIGABRT/SIGSEGV, and each step is logged as it starts.
+    rank_env = os.environ["RANK"]
+    fault_log = open(out / f"fault{rank_env}.txt", "w")
+    faulthandler.enable(file=fault_log, all_threads=True)
+    steps = open(out / f"steps{rank_env}.txt", "w", buffering=1)
+
+    def step(name: str) -> None:
+        steps.write(f"{time.monotonic():.3f} {name}\n")
+
     torch.set_num_threads(1)
+    step("init")
     info = distributed.init_from_env("cpu", timeout_s=120)  # a hang fails the test instead of stalling it
     r = info.rank
     model = get_model("random_micro")
     report: dict = {"rank": r, "world": info.world_size, "backend": info.backend}
     cache = {"cache": True, "cache_root": out / "cache", "shard": True}
+    step("odd")
     fs = extract(model, _digits(N_ODD), dataset_id="odd", batch_size=BATCH, **cache)
     np.save(out / f"odd{r}.npy", np.asarray(fs.features))
     np.save(out / f"odd_labels{r}.npy", np.asarray(fs.labels))
     report["odd_key"], report["odd_computed"], report["odd_meta"] = fs.key, fs.computed, fs.meta
+    step("again")
     again = extract(model, _digits(N_ODD), dataset_id="odd", batch_size=BATCH, **cache)
     report["again_computed"] = again.computed
+    step("one")
     one = extract(model, _digits(1), dataset_id="one", batch_size=BATCH, cache=False, shard=True)  # rank 0: empty
     np.save(out / f"one{r}.npy", np.asarray(one.features))
+    step("broken")
     try:
         extract(model, _broken(N_ODD), dataset_id="broken", batch_size=BATCH, **cache)
         report["broken"] = None
     except Exception as exc:  # recorded for the test: every rank must fail, none may hang
         report["broken"] = [type(exc).__name__, str(exc)]
     # Unsharded (what a protocol running on rank 0 alone does): no collective, so no hang while rank 1 waits.
+    step("alone")
     if r == 0:
         alone = extract(model, _digits(N_ODD), dataset_id="odd", batch_size=BATCH, cache_root=out / "cache_alone")
         np.save(out / "alone.npy", np.asarray(alone.features))
+    step("barrier")
     distributed.barrier()
     # The runner under torchrun: every rank extracts, rank 0 alone runs the protocol and writes the record.
     from prosmin_bench.runner import RunOptions, evaluate
 
+    step("evaluate")
     records = evaluate("random_micro", "digits_knn", options=RunOptions(
         seeds=(0,), device="cpu", results_dir=out / "results", pretrain_missing=False, batch_size=128))
     report["records"] = [[rec.task, type(rec).__name__, getattr(rec, "per_seed", None)] for rec in records]
+    step("report")
     json.dump(report, open(out / f"report{r}.json", "w"), default=str)
+    step("destroy")
     distributed.destroy()
+    step("done")
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _diagnosis(out: Path, proc: subprocess.CompletedProcess) -> str:
+    """What each rank was doing when the job failed: its last steps and any faulthandler dump, then stderr."""
+    parts = []
+    for r in range(2):
+        for name in (f"steps{r}.txt", f"fault{r}.txt"):
+            f = out / name
+            text = f.read_text() if f.is_file() else "(missing)"
+            parts.append(f"--- rank {r} {name}:\n{text[:3000]}")  # a dump's thread stacks come first
+    return "\n".join(parts) + f"\n--- stdout:\n{proc.stdout[-2000:]}\n--- stderr:\n{proc.stderr[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +132,7 @@ def two_ranks(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(Path(__file__)), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, _diagnosis(out, proc)
     reports = [json.load(open(out / f"report{r}.json")) for r in range(2)]
     return out, reports
 
