@@ -13,6 +13,7 @@ extraction (:func:`shard_indices` + :func:`all_gather_varlen` put features back 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import importlib
 import inspect
@@ -100,6 +101,10 @@ def init_from_env(device: str | torch.device | None = None, *, backend: str | No
     # work is done. tests/test_ddp.py checks that leaving the group ends its threads.
     importlib.import_module("torch._dynamo")  # (an `import torch._dynamo` here would make `torch` a local name)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # Library calls (pretrain, evaluate) leave the group joined for later calls in the same job; it is left at
+    # exit, while the interpreter is still whole (atexit runs before shutdown; destroy() is a no-op if already left).
+    atexit.unregister(destroy)  # one registration, however often a job joins
+    atexit.register(destroy)
     i = info()
     log.info("joined process group: rank %d of %d (local rank %d, %s)", i.rank, i.world_size, i.local_rank, backend)
     return i

@@ -41,20 +41,17 @@ def pretrain(recipe: str, *, epochs: int | None = None, out_dir: str | os.PathLi
         overrides: dotted config keys, e.g. ``{"optim.lr": 1e-3, "method.lam": 0.3, "run.max_steps": 10}``.
 
     Under ``torchrun`` every process calls this; they join one process group (gloo on CPU, NCCL on GPU) and only
-    rank 0 writes.
+    rank 0 writes. The processes stay in the group after the call, so a second call (or an evaluation) in the
+    same job reuses it: PyTorch does not reliably create a second default group on torchrun's store after the
+    first was destroyed (two of twelve such jobs hung in the second ``init_process_group`` or the barrier after
+    it). The group is left when the process exits, or by :func:`prosmin_bench.distributed.destroy`.
     """
-    from .. import distributed
     from ..models.weights import recipe_checkpoint_path
     from .train import run_pretraining
 
     cfg = resolve_config(recipe, epochs=epochs, overrides=overrides)
     folder = Path(out_dir) if out_dir is not None else recipe_checkpoint_path(cfg.recipe).parent
-    joined_here = not distributed.is_initialized()
-    try:
-        return run_pretraining(cfg, folder, resume=resume, device=device)
-    finally:
-        if joined_here:  # leave a process group this call joined (torchrun); one the caller set up stays
-            distributed.destroy()
+    return run_pretraining(cfg, folder, resume=resume, device=device)
 
 
 __all__ = ["RECIPES", "PretrainConfig", "Recipe", "apply_overrides", "get_recipe", "pretrain", "resolve_config"]
