@@ -69,11 +69,18 @@ def worker(out: Path) -> None:
     distributed.destroy()
 
 
+def _torchrun(script: Path, *args: str, nproc: int = 2, env: dict[str, str] | None = None,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    """``script args...`` on ``nproc`` local processes started by torchrun, as a user would, with the checkout on
+    the path."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
 def _launch(out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(Path(__file__)), str(out)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    return _torchrun(Path(__file__), str(out))
 
 
 def test_shard_indices_cover_everything_once():
@@ -126,8 +133,7 @@ def test_a_single_process_torchrun_launch_joins_a_group_of_one(monkeypatch):
 #: Joins the group, then imports what a model load imports (timm -> torchvision -> torch._dynamo), leaves the group,
 #: and prints how many threads the process had before joining and after leaving.
 _LEAVE_SCRIPT = """
-import os, sys
-sys.path.insert(0, sys.argv[1])
+import os
 from prosmin_bench import distributed
 threads = lambda: len(os.listdir("/proc/self/task"))
 before = threads()
@@ -145,10 +151,7 @@ def test_leaving_the_group_ends_its_threads_even_after_importing_the_model_stack
     -6, at the end of a torchrun job). Importing torch._dynamo after joining used to keep the group alive."""
     script = tmp_path / "leave.py"
     script.write_text(_LEAVE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(REPO)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = _torchrun(script, nproc=1, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("THREADS")]
     _, backend, before, after = line.split()
@@ -163,14 +166,13 @@ _TWICE_SCRIPT = """
 import atexit, json, sys
 from pathlib import Path
 import torch.distributed as dist
-out = Path(sys.argv[2])
+out = Path(sys.argv[1])
 atexit.register(lambda: (out / "at_exit.json").write_text(json.dumps({"in_group": dist.is_initialized()})))
-sys.path.insert(0, sys.argv[1])
 created = []
 real_init = dist.init_process_group
 dist.init_process_group = lambda *a, **k: (created.append(1), real_init(*a, **k))[1]
 from prosmin_bench.pretrain import pretrain
-tiny = json.loads(sys.argv[3])
+tiny = json.loads(sys.argv[2])
 paths = [str(pretrain("prosmin_micro", epochs=1, out_dir=out / f"run{k}", device="cpu", overrides=tiny))
          for k in range(2)]
 (out / "twice.json").write_text(json.dumps({"created": len(created), "paths": paths,
@@ -183,12 +185,9 @@ def test_two_pretrain_calls_in_one_torchrun_job_share_one_group_left_at_exit(tmp
     pretrain() stays in the group it joined and a second call reuses it; the group is left at exit."""
     script = tmp_path / "twice.py"
     script.write_text(_TWICE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROSMIN_BENCH_HOME": str(tmp_path / "home")}
     tiny = {**TINY, "run.max_steps": 1}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(REPO), str(tmp_path),
-           json.dumps(tiny)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = _torchrun(script, str(tmp_path), json.dumps(tiny), nproc=1, timeout=300,
+                    env={"PROSMIN_BENCH_HOME": str(tmp_path / "home")})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = json.loads((tmp_path / "twice.json").read_text())
     assert got["created"] == 1 and got["in_group"] is True
