@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import CARDS_ENV
 from .errors import CardError
+from .registry import NAME_RULE, is_safe_name
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ def read_card(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise CardError(f"Card {str(path)!r} is not valid TOML ({exc}); fix the syntax") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition; a Latin-1 or UTF-16 file lands here
+        raise CardError(
+            f"Card {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise CardError(f"Card {str(path)!r} cannot be read ({exc.strerror})") from None
 
@@ -152,6 +158,20 @@ def field(card: Card, key: str, typ: type | tuple[type, ...], default: Any = _MI
             f"Card {str(card.path)!r}: field {key!r} must be {want}, but got {type(node).__name__} {node!r}"
         )
     return node
+
+
+def name_field(card: Card, key: str = "name", default: Any = _MISSING) -> Any:
+    """Read a name that becomes a file or folder name (``registry.NAME_PATTERN``): a task or model name, a recipe,
+    a weights file name. ``../x``, ``/abs/x`` or ``.hidden`` would write outside the folder meant for it."""
+    value = field(card, key, str, default)
+    if value is None:  # an optional name the card leaves out
+        return None
+    if not is_safe_name(value):
+        raise CardError(
+            f"Card {str(card.path)!r}: field {key!r} must be a plain name ({NAME_RULE}) because it becomes a file "
+            f"name, but got {value!r}"
+        )
+    return value
 
 
 def check_known_fields(card: Card, allowed: Iterable[str]) -> None:

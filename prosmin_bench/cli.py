@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import ProsminBenchError
@@ -24,27 +26,66 @@ EXAMPLES = """examples:
   prosmin-bench list models | tasks
   prosmin-bench pretrain --recipe prosmin_micro [--epochs N] [--out DIR]
   torchrun --nproc_per_node=8 -m prosmin_bench pretrain --recipe prosmin_vits16_in1k --data-root /data
-  prosmin-bench leaderboard --results leaderboards/results --out leaderboards   # mini.md, imagenet.md + figures/
+  prosmin-bench leaderboard                            # your runs ($PROSMIN_BENCH_HOME/results)
+  prosmin-bench leaderboard --results leaderboards/results --out leaderboards   # the committed pages + figures/
   prosmin-bench data check --data-root /data
 """
 
 
+def int_in(low: int, high: int, what: str):
+    """An argparse ``type=``: an integer in [low, high]. A value out of range is a usage error at parse time, not an
+    error record for every (model, task) pair after the models have loaded."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected at most {high}, got {value}")
+        return value
+
+    return parse
+
+
+# Upper bounds catch typos (an extra digit or three) before they turn into an out-of-memory failure mid-run.
+positive_batch = int_in(1, 1 << 16, "a positive integer")
+non_negative_workers = int_in(0, 1024, "a non-negative integer")
+positive_workers = int_in(1, 1024, "a positive integer")
+positive_epochs = int_in(1, 1_000_000, "a positive integer")
+severity = int_in(1, 5, "a severity from 1 to 5")
+
+#: --max-memory bounds: below 1 MiB no k-NN block fits; 1 PiB is beyond any machine.
+MEMORY_RANGE = (1 << 20, 1 << 50)
+
+
 def _parse_memory(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
     t = text.strip().lower().rstrip("b").rstrip("i")
+    expected = "expected a size from 1M to 1P like 16G, 512M or 1073741824"
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size like 16G, 512M or 1073741824, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not MEMORY_RANGE[0] <= value <= MEMORY_RANGE[1]:  # also nan and inf, which fail both comparisons
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+    return int(value)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
+    from .results import MAX_SEED, seeds_problem
+
+    expected = f"expected distinct integer seeds from 0 to {MAX_SEED} like '0,1,2'"
     try:
-        return tuple(int(s) for s in text.replace(",", " ").split())
+        seeds = tuple(int(s) for s in text.replace(",", " ").split())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds like '0,1,2', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{expected}, but got {text!r}") from None
+    problem = seeds_problem(seeds)
+    if problem is not None:  # a repeated seed would be counted twice in the mean and the std
+        raise argparse.ArgumentTypeError(f"{expected}, but got {text!r}: {problem}")
+    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,13 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="feature extraction autocast")
     r.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32",
                    help="dtype of cached features (float16 halves the cache of ImageNet-size banks)")
-    r.add_argument("--batch-size", type=int, default=256)
-    r.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: from the machine)")
+    r.add_argument("--data-hash", choices=["stat", "content"], default="stat",
+                   help="how image files enter the feature cache key: stat (path, size, mtime; no image read) or "
+                        "content (sha256 of every file; reads the whole dataset)")
+    r.add_argument("--batch-size", type=positive_batch, default=256)
+    r.add_argument("--num-workers", type=non_negative_workers, default=None, help="data loader workers (default: from the machine)")
     r.add_argument("--max-memory", type=_parse_memory, default="1G", help="working memory for k-NN blocks, e.g. 4G")
     r.add_argument("--data-root", type=Path, default=None, help="ImageNet-scale data root (see `data check`)")
     r.add_argument("--weights", default=None, help="checkpoint path for the one --model")
     r.add_argument("--weights-dir", default=None, help="folder searched first for official weights")
-    r.add_argument("--results", type=Path, default=None, help="results folder (default leaderboards/results)")
+    r.add_argument("--results", type=Path, default=None,
+                   help="results folder (default $PROSMIN_BENCH_HOME/results, i.e. ~/.cache/prosmin-bench/results; "
+                        "the committed records are rewritten only with --results leaderboards/results)")
     r.add_argument("--overwrite", action="store_true", help="recompute records that exist")
     r.add_argument("--no-pretrain", action="store_true", help="do not pretrain missing micro models")
     r.add_argument("--leaderboard", type=Path, default=None, metavar="FILE.md|DIR",
@@ -82,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="pretrain a recipe (ProSMin, DINO, iBOT, MoCo-v3)")
     pt.add_argument("--recipe", required=True)
-    pt.add_argument("--epochs", type=int, default=None)
+    pt.add_argument("--epochs", type=positive_epochs, default=None)
     pt.add_argument("--out", type=Path, default=None)
     pt.add_argument("--resume", action="store_true")
     pt.add_argument("--device", default="auto")
@@ -90,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
 
     lb = sub.add_parser("leaderboard", help="render the leaderboard markdown from result files")
-    lb.add_argument("--results", type=Path, default=None)
+    lb.add_argument("--results", type=Path, default=None,
+                    help="results folder (default $PROSMIN_BENCH_HOME/results; the committed ones: leaderboards/results)")
     lb.add_argument("--out", type=Path, default=None, metavar="FILE.md|DIR",
                     help="a markdown file, or a folder for mini.md / imagenet.md and their figures (e.g. leaderboards)")
     lb.add_argument("--suite", choices=["mini", "imagenet"], default=None)
@@ -101,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--data-root", type=Path, default=None)
     mc = dsub.add_parser("make-imagenet-c", help="build ImageNet-C from ImageNet val with the reference corruptions")
     mc.add_argument("--data-root", type=Path, required=True)
-    mc.add_argument("--workers", type=int, default=None)
+    mc.add_argument("--workers", type=positive_workers, default=None)
     mc.add_argument("--corruption", action="append", default=[])
-    mc.add_argument("--severity", action="append", type=int, default=[])
+    mc.add_argument("--severity", action="append", type=severity, default=[])
     return p
 
 
@@ -144,10 +191,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     opts = RunOptions(
         seeds=seeds, device=a.device, results_dir=a.results or config.default_results_dir(),
         data_root=config.data_root(a.data_root), weights=a.weights, weights_dir=a.weights_dir,
-        overwrite=a.overwrite, precision=a.precision, feature_dtype=a.feature_dtype, batch_size=a.batch_size, num_workers=workers,
+        overwrite=a.overwrite, precision=a.precision, feature_dtype=a.feature_dtype, data_hash=a.data_hash,
+        batch_size=a.batch_size, num_workers=workers,
         max_memory=a.max_memory if isinstance(a.max_memory, int) else _parse_memory(a.max_memory),
         pretrain_missing=not a.no_pretrain,
     )
+    if a.leaderboard is not None:  # a page that cannot be written must not wait until after all the work
+        leaderboard.check_destination(a.leaderboard, "--leaderboard")
     records = evaluate(models, tasks, options=opts)
     if not distributed.is_main():  # under torchrun only rank 0 reports
         distributed.destroy()
@@ -156,7 +206,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     failed = [r for r in records if getattr(r, "record_type", "") == "error"]
     text = leaderboard.render(opts.results_dir, suite=suite)
     if a.leaderboard:
-        if a.leaderboard.suffix == ".md":
+        if a.leaderboard.suffix.lower() == ".md":
             leaderboard.write(opts.results_dir, a.leaderboard, suite=suite)
         else:
             leaderboard.write_suite_pages(opts.results_dir, a.leaderboard)
@@ -216,6 +266,8 @@ def cmd_leaderboard(a: argparse.Namespace) -> int:
     from . import config, leaderboard
 
     results = a.results or config.default_results_dir()
+    if a.out is not None:
+        leaderboard.check_destination(a.out)
     if a.out is None:
         sys.stdout.write(leaderboard.render(results, suite=a.suite))
     elif a.out.suffix.lower() == ".md":
@@ -240,6 +292,38 @@ def cmd_data(a: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "leaderboard": cmd_leaderboard, "data": cmd_data}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send before killing a job) as an exception in the main thread, so the
+    clean-up that Ctrl-C gets runs for it too: temporary files removed, locks released, a pretraining checkpoint
+    written at the current step."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _interrupted(a: argparse.Namespace, exc: KeyboardInterrupt) -> int:
+    """One line on stderr saying what is kept and how to go on; exit 130 (SIGINT) or 143 (SIGTERM), as a shell
+    reports a process ended by that signal."""
+    from . import distributed
+
+    code = 143 if isinstance(exc, Terminated) else 130
+    if not distributed.is_main():  # under torchrun every rank is signalled; rank 0 alone says it
+        return code
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    saved = getattr(exc, "checkpoint", None)  # (path, step) when a pretraining loop saved where it stopped
+    if a.command == "pretrain":
+        line = (f"{what}; checkpoint of step {saved[1]} saved to {saved[0]}: run the same command with --resume to "
+                "continue" if saved else f"{what} before this run saved a checkpoint; run the same command with "
+                "--resume to continue from an earlier one, if any")
+    elif saved:
+        line = f"{what}; finished results and the pretraining (step {saved[1]}) are saved, run again to resume"
+    else:
+        line = f"{what}; finished results are saved, run again to resume"
+    sys.stderr.write(f"prosmin-bench: {line}\n")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.command is None:  # `prosmin-bench` alone = the mini suite
         a = parser.parse_args([*argv, "run"])
     _setup_logging(a.debug, a.quiet)
+    # Only the main thread may set handlers (main() called from a worker thread keeps the process's own).
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is \
+        threading.main_thread() else None
     try:
         from . import cards
 
@@ -261,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = one_line(exc)
         sys.stderr.write(f"prosmin-bench: error: {msg}\n")
         return getattr(exc, "exit_code", 2)
-    except KeyboardInterrupt:
-        sys.stderr.write("prosmin-bench: interrupted; finished results are saved, run again to resume\n")
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(a, exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: Environment variable for the cache root (features, probe heads, pretraining checkpoints, weights).
+#: Environment variable for the cache root (features, probe heads, pretraining checkpoints, weights, results).
 HOME_ENV = "PROSMIN_BENCH_HOME"
 #: Environment variable for extra card folders (os.pathsep-separated), same as ``--cards DIR``.
 CARDS_ENV = "PROSMIN_BENCH_CARDS"
@@ -55,5 +55,7 @@ def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
 
 
 def default_results_dir() -> Path:
-    """Results go to ``leaderboards/results`` of the checkout when run from one, else of the current folder."""
-    return Path("leaderboards") / "results"
+    """A user's records: ``<home>/results``, never the checkout's ``leaderboards/results`` (the committed
+    reference records, whose checkpoints come out with other bytes on another machine: writing there by default
+    would rewrite tracked files). That folder is written only when named (``--results leaderboards/results``)."""
+    return home() / "results"

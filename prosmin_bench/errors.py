@@ -44,5 +44,9 @@ class ResultsError(ProsminBenchError):
     """A results folder that cannot be written."""
 
 
+class CacheError(ProsminBenchError):
+    """A cache folder (``PROSMIN_BENCH_HOME``) that cannot be written."""
+
+
 class PretrainError(ProsminBenchError):
     """Pretraining failed in a way the user must act on (e.g. a non-finite loss)."""

@@ -43,7 +43,9 @@ from tabulate import tabulate
 
 from . import plots
 from .reported import ReportedScore, is_percent, is_rate, reported_scores
-from .results import ErrorRecord, ResultRecord, scan
+from .results import (
+    CorruptRecord, ErrorRecord, MisfiledRecord, ResultRecord, folder_write_problem, inside, scan_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,9 @@ class Board:
     results: list[ResultRecord] = field(default_factory=list)
     errors: list[ErrorRecord] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the folder, reason)
+    # (path relative to the folder, the record's suite or None, reason): valid records in another pair's file,
+    # never tabulated (a backup copy would otherwise replace its model's number).
+    misfiled: list[tuple[str, str | None, str]] = field(default_factory=list)
 
     def newest_versions(self) -> dict[str, int]:
         newest: dict[str, int] = {}
@@ -120,23 +125,29 @@ class Board:
 
     def suites(self) -> list[str]:
         found = {r.suite for r in self.results} | {s for e in self.errors if (s := self.error_suite(e))}
-        return sorted(found)
+        return sorted(found | {s for _, s, _ in self.misfiled if s})
 
 
 def collect(results_dir: str | os.PathLike) -> Board:
     """Read every record under ``results_dir`` (unreadable files are kept aside with their reason)."""
     root = Path(results_dir)
-    records, bad = scan(root)
     board = Board()
-    for r in records:
-        (board.results if isinstance(r, ResultRecord) else board.errors).append(r)
-    for path, reason in bad:
-        p = Path(path)
-        rel = p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name
-        prefix = f"{path}: "
-        board.unreadable.append((rel, reason[len(prefix):] if reason.startswith(prefix) else reason))
+    for path, item in scan_files(root):
+        if not isinstance(item, CorruptRecord):
+            (board.results if isinstance(item, ResultRecord) else board.errors).append(item)
+            continue
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        prefix, reason = f"{path}: ", str(item)
+        reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+        if isinstance(item, MisfiledRecord):
+            rec = item.record
+            suite = rec.suite if isinstance(rec, ResultRecord) else _registered_task(rec.task, "suite")
+            board.misfiled.append((rel, suite, reason))
+        else:
+            board.unreadable.append((rel, reason))
     board.errors.sort(key=lambda e: (e.model, e.task, e.task_version))
     board.unreadable.sort()
+    board.misfiled.sort(key=lambda m: m[0])
     return board
 
 
@@ -633,18 +644,33 @@ def _render_suite(board: Board, suite: str, reported: Sequence[ReportedScore]) -
         lines.append("\n## Failed runs\n")
         for e in errors:
             lines.append(f"- {e.model} / {e.task}@{e.task_version}: {e.error_type}: {_cell(e.message)}")
+    lines += _unusable_lines(board, suite)
+    return "\n".join(lines) + "\n"
+
+
+def _unusable_lines(board: Board, suite: str | None) -> list[str]:
+    """The files no table uses: misfiled records (of ``suite``, or of any suite when None) and unreadable ones
+    (their suite is unknown, so every page lists them)."""
+    lines: list[str] = []
+    misfiled = [(path, reason) for path, s, reason in board.misfiled if suite is None or s in (suite, None)]
+    if misfiled:
+        lines.append("\n## Misfiled records (not tabulated)\n")
+        for path, reason in misfiled:
+            lines.append(f"- `{path}`: {_cell(reason)}")
     if board.unreadable:
         lines.append("\n## Unreadable result files (ignored; re-run to recompute)\n")
         for path, reason in board.unreadable:
             lines.append(f"- `{path}`: {_cell(reason)}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _render_board(board: Board, suite: str | None) -> str:
     suites = [suite] if suite is not None else board.suites()
     if not suites:
-        return (f"{HEADER}\n# prosmin-bench leaderboard\n\nNo result files found: run `prosmin-bench run` to "
-                "evaluate the mini suite.\n")
+        # Files that exist but cannot be used are still listed, or a folder of broken files would look empty.
+        found = "No usable result files found" if board.unreadable or board.misfiled else "No result files found"
+        return "\n".join([f"{HEADER}\n# prosmin-bench leaderboard\n\n{found}: run `prosmin-bench run` to "
+                           "evaluate the mini suite.", *_unusable_lines(board, None)]) + "\n"
     return "\n".join(_render_suite(board, s, reported_scores(s)) for s in suites)
 
 
@@ -672,17 +698,33 @@ def _write_figures(board: Board, suite: str, out_dir: Path) -> list[Path]:
     are removed, so the folder stays a function of the result files."""
     current = board.current(suite)
     colors = plots.model_colors([r.model for rs in current.values() for r in rs])
-    folder = out_dir / FIGURES_DIR / suite
+    folder = inside(out_dir, FIGURES_DIR, suite, what="figures folder")  # stale PNGs in it are deleted below
     written = []
     for task, pps in _page_plots(current, suite).items():
         for pp in pps:
-            written.append(plots.draw(pp.spec, current[task], out_dir / pp.link, colors))
+            written.append(plots.draw(pp.spec, current[task], inside(out_dir, pp.link, what="figure"), colors))
     if folder.is_dir():
         keep = {p.name for p in written}
         for old in sorted(folder.glob("*.png")):
             if old.name not in keep:
                 old.unlink()
     return written
+
+
+def check_destination(out: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail before any work when ``out`` (a page ``FILE.md``, or a folder of pages) cannot be written: a folder
+    where the page must be, a file where a folder must be, or a folder that refuses writes. Nothing is created."""
+    from .errors import ResultsError
+
+    out = Path(out)
+    page = out.suffix.lower() == ".md"
+    if page and out.is_dir():
+        raise ResultsError(f"Leaderboard page {str(out)!r} is a folder; pass a file name ending in .md, or a folder "
+                           f"name without .md, as {flag}")
+    # figures/ goes beside the page (or into the folder), so it must be a folder too
+    problem = folder_write_problem((out.parent if page else out) / FIGURES_DIR)
+    if problem is not None:
+        raise ResultsError(f"Leaderboard destination {str(out)!r} cannot be written: {problem}; pass another {flag}")
 
 
 def write(results_dir: str | os.PathLike, out: str | os.PathLike, suite: str | None = None) -> Path:
@@ -707,6 +749,6 @@ def write_suite_pages(results_dir: str | os.PathLike, out_dir: str | os.PathLike
     chosen = sorted(set(suites) if suites is not None else set(SUITES) | set(board.suites()))
     pages, figures = [], []
     for s in chosen:
-        pages.append(_write_text(out_dir / f"{s}.md", _render_suite(board, s, reported_scores(s))))
+        pages.append(_write_text(inside(out_dir, f"{s}.md", what="page"), _render_suite(board, s, reported_scores(s))))
         figures += _write_figures(board, s, out_dir)
     return pages + figures

@@ -8,12 +8,38 @@ names and the command that lists them all.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from .errors import DuplicateNameError, UnknownNameError
 
 T = TypeVar("T")
+
+#: What a user-given name (task, model, recipe, weights file) may look like. Names become file and folder names
+#: under the results folder and the cache, so no separators, no leading dot (no ``..``, no hidden files).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+#: What such a name must match, in words (for error messages).
+NAME_RULE = "letters, digits and _ . + - only, starting with a letter or digit"
+#: Model names of the form ``timm:<name>[.<tag>]`` are stored in the folder ``timm--<name>[.<tag>]``; registered
+#: names may not start with that prefix, so the mapping stays one to one.
+TIMM_PREFIX, TIMM_FOLDER_PREFIX = "timm:", "timm--"
+
+
+def is_safe_name(name: object) -> bool:
+    """Whether ``name`` is usable as one file or folder name (``NAME_PATTERN``)."""
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
+
+
+def model_folder_name(model: str) -> str | None:
+    """The folder name of a model's records: the name itself, or ``timm--<name>`` for ``timm:<name>``; None when
+    ``model`` cannot be a folder name (see ``NAME_PATTERN``)."""
+    if isinstance(model, str) and model.startswith(TIMM_PREFIX):
+        rest = model[len(TIMM_PREFIX):]
+        return TIMM_FOLDER_PREFIX + rest if is_safe_name(rest) else None
+    if not is_safe_name(model) or model.startswith(TIMM_FOLDER_PREFIX):
+        return None
+    return model
 
 
 class Registry(Generic[T]):

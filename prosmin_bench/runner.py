@@ -8,12 +8,15 @@ folder neither corrupt nor duplicate work, and a killed run resumes where it sto
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import re
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,15 @@ import torch
 
 from . import config, distributed
 from .data import DATASETS, dataset_key, parse_ref, resolve_dataset
+from .data.base import DATA_HASHES
+from .data.labels import align_labels, describe
 from .errors import DataError, ProsminBenchError, UnknownNameError, WeightsError
-from .features import extract
+from .features import PRECISIONS, STORE_DTYPES, extract
 from .models import ModelSpec, get_model, get_model_spec, resolve_device
+from .models.weights import check_weights_file
 from .results import (
-    ErrorRecord, Record, ResultRecord, check_writable, git_commit, read_record, record_path, utc_now, versions,
-    write_record, CorruptRecord,
+    RUN_CONFIG_DEFAULTS, ErrorRecord, Record, ResultRecord, check_cache_writable, check_seeds, check_writable,
+    git_commit, read_record, record_path, safe_lock_path, utc_now, versions, write_record, CorruptRecord,
 )
 from .tasks import TaskContext, TaskSpec, build_task, get_task_spec
 from .tasks.base import catalogue as task_catalogue
@@ -50,10 +56,29 @@ class RunOptions:
     overwrite: bool = False
     precision: str = "fp32"  # extraction autocast: fp32 | bf16 | fp16
     feature_dtype: str = "float32"  # stored feature dtype
+    # How image files enter feature cache keys: "stat" (path, size, mtime_ns: no image read, fine for ImageNet's
+    # 1.28M files) or "content" (sha256 of every file: also catches an edit that keeps size and mtime).
+    data_hash: str = "stat"
     batch_size: int = 256
     num_workers: int = 0
     max_memory: int = 1 << 30  # bytes of working memory for k-NN similarity blocks
     pretrain_missing: bool = True  # train mini-scale recipe models whose checkpoint is missing
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse settings that would give wrong numbers (a repeated seed counted twice) or fail mid-run."""
+        self.seeds = check_seeds(self.seeds)
+        for name, allowed in (("precision", PRECISIONS), ("feature_dtype", STORE_DTYPES), ("data_hash", DATA_HASHES)):
+            if getattr(self, name) not in allowed:
+                raise ProsminBenchError(f"Expected `{name}` to be one of {list(allowed)}, but got "
+                                        f"{getattr(self, name)!r}")
+
+
+def run_settings(opts: RunOptions) -> dict[str, Any]:
+    """The settings of ``opts`` that change a record's numbers (``ResultRecord.run_config``)."""
+    return {name: getattr(opts, name) for name in RUN_CONFIG_DEFAULTS}
 
 
 def suite_models(suite: str) -> list[str]:
@@ -66,9 +91,10 @@ def suite_tasks(suite: str) -> list[str]:
     return [n for n, s in task_catalogue().items() if s.suite == suite]
 
 
-def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str,
-                 network: str | None = None) -> ResultRecord | None:
-    """The record at ``path`` if it already answers this (task version, weights, seeds, evaluated network)."""
+def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, network: str | None = None, *,
+                 model: str, settings: dict[str, Any]) -> ResultRecord | None:
+    """The record at ``path`` if it already answers this (model and task, task version, weights, seeds, evaluated
+    network, run settings such as the extraction precision)."""
     if not path.is_file():
         return None
     try:
@@ -78,7 +104,16 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str,
         return None
     if not isinstance(rec, ResultRecord):
         return None
+    if (rec.model, rec.task) != (model, spec.name):  # a copy of another pair's record put in this pair's file
+        log.warning("ignoring result file %s: it holds %s / %s, not %s / %s; it will be recomputed", path, rec.model,
+                    rec.task, model, spec.name)
+        return None
     if rec.task_version != spec.version or rec.weights_sha256 != sha:
+        return None
+    # Records from before run_config was recorded count as made with the defaults (fp32, float32 features).
+    then = {name: rec.settings.get(name) for name in settings}
+    if then != settings:
+        log.info("%s was computed with %s; recomputing with %s", path, then, settings)
         return None
     # A pretraining checkpoint evaluated through another of its networks (records from before MoCo-v3 checkpoints
     # were evaluated with their base encoder say nothing, which meant the target network).
@@ -87,6 +122,22 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str,
     if not set(seeds) <= set(rec.seeds):
         return None
     return rec
+
+
+def record_lock_path(results_dir: str | Path, path: Path) -> Path:
+    """The lock file that guards the record ``path``: ``<home>/locks/<sha256 of the results folder>[:16]/<model>/
+    <task>.lock``. Not beside the record, so a results folder (the committed ``leaderboards/results`` too) only
+    ever holds records; two runs on one results folder share it as long as they share PROSMIN_BENCH_HOME."""
+    key = hashlib.sha256(str(Path(results_dir).expanduser().resolve()).encode()).hexdigest()[:16]
+    lock = safe_lock_path(config.home() / "locks" / key / path.parent.name / path.stem)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    return lock
+
+
+def _record_lock(results_dir: str | Path, path: Path) -> Any:
+    from filelock import FileLock
+
+    return FileLock(str(record_lock_path(results_dir, path)))
 
 
 def _is_result(path: Path) -> bool:
@@ -103,24 +154,46 @@ class _FeatureSource:
         self.model = model
         self.opts = opts
         self.device = device
-        self._datasets: dict[str, Any] = {}
-        self._features: dict[tuple[str, str], Any] = {}
+        self._datasets: dict[Any, Any] = {}  # dataset key, or (dataset key, training split key) once aligned
+        self._features: dict[tuple[str, str, Any], Any] = {}
         self.images_per_second: list[float] = []
 
-    def dataset(self, ref: Any) -> Any:
+    def dataset(self, ref: Any, labels_from: Any = None) -> Any:
+        """The dataset ``ref``; with ``labels_from`` (a task's training split), labelled by class name in that
+        split's class list (DataError naming a class it has images of and the training split has none)."""
+        train = None if labels_from is None else self.dataset(labels_from)  # first: its faults are reported first
         key = dataset_key(ref)
         if key not in self._datasets:
             self._datasets[key] = resolve_dataset(ref, self.opts.data_root)
-        return self._datasets[key]
+        if train is None:
+            return self._datasets[key]
+        aligned = (key, dataset_key(labels_from))
+        if aligned not in self._datasets:
+            self._datasets[aligned] = align_labels(self._datasets[key], train, name=describe(ref, self._datasets[key]),
+                                                   train_name=describe(labels_from, train))
+        return self._datasets[aligned]
 
-    def features(self, ref: Any, layer: str, **kwargs: Any) -> Any:
-        key = (dataset_key(ref), layer)
+    def features(self, ref: Any, layer: str, model: Any = None, labels_from: Any = None, **kwargs: Any) -> Any:
+        """Features of ``ref`` in ``layer``, extracted (or read from the cache) once per run; with ``overwrite`` the
+        cache entries are recomputed, once. ``model``: another view of this backbone (e.g. other preprocessing),
+        extracted by this process alone. ``labels_from``: as in :meth:`dataset`."""
+        if labels_from is not None:
+            aligned = self.dataset(ref, labels_from)  # checked before the extraction, which it does not change
+            fs = self.features(ref, layer, model, **kwargs)
+            if aligned is self.dataset(ref):
+                return fs
+            # Extraction keeps the dataset's sample order, so the aligned labels pair up with the rows.
+            return dataclasses.replace(fs, labels=aligned.labels)
+        view = self.model if model is None else model
+        key = (dataset_key(ref), layer, None if model is None else view.spec.preprocess.key())
         if key not in self._features:
-            _tell_workers(("features", ref, layer))  # under torchrun every rank extracts its shard
+            if model is None:
+                _tell_workers(("features", ref, layer))  # under torchrun every rank extracts its shard
             fs = extract(
-                self.model, self.dataset(ref), dataset_id=key[0], layer=layer, batch_size=self.opts.batch_size,
+                view, self.dataset(ref), dataset_id=key[0], layer=layer, batch_size=self.opts.batch_size,
                 device=self.device, precision=self.opts.precision, dtype=self.opts.feature_dtype,
-                num_workers=self.opts.num_workers, shard=True,
+                num_workers=self.opts.num_workers, shard=model is None, data_hash=self.opts.data_hash,
+                recompute=self.opts.overwrite,
             )
             if fs.computed:
                 self.images_per_second.append(float(fs.meta.get("images_per_second", 0.0)))
@@ -180,21 +253,96 @@ def _serve_extraction(mspecs: Sequence[ModelSpec], opts: RunOptions, dev: torch.
 
 
 def _ensure_weights(spec: ModelSpec, opts: RunOptions) -> None:
-    """Pretrain a mini-scale recipe model whose checkpoint is missing (the default suite makes its own models)."""
+    """Pretrain a mini-scale recipe model whose checkpoint is missing, or finish one whose pretraining was
+    interrupted (the default suite makes its own models; a part-way checkpoint is never evaluated as the model).
+
+    One process at a time per recipe: a second run that needs the same model waits for the first's pretraining,
+    then uses its checkpoint (two runs pretraining into one folder would overwrite each other's checkpoints).
+    """
     if not (opts.pretrain_missing and spec.weights.recipe and spec.scale == "mini" and opts.weights is None):
         return
     from .models.weights import recipe_checkpoint_path
 
-    if opts.weights_dir and (Path(opts.weights_dir) / spec.name / "checkpoint.pt").is_file():
-        return
-    path = recipe_checkpoint_path(spec.weights.recipe)
-    if path.is_file():
-        _warn_if_recipe_changed(spec.weights.recipe, path)
-        return
-    from .pretrain import pretrain
+    if opts.weights_dir and any(p.is_file() for p in (Path(opts.weights_dir) / spec.name / "checkpoint.pt",
+                                                       Path(opts.weights_dir) / f"{spec.name}.pt")):
+        return  # get_model loads the given file (and refuses it if it is interrupted)
+    recipe = spec.weights.recipe
+    path = recipe_checkpoint_path(recipe)
+    # Under torchrun every rank pretrains together: rank 0 alone holds the lock and tells the others what to do.
+    with _recipe_lock(recipe) if distributed.is_main() else contextlib.nullcontext():
+        state: Any = None
+        if distributed.is_main():
+            try:
+                state = _recipe_checkpoint_state(spec, path)
+            except (ProsminBenchError, OSError) as exc:
+                state = exc  # every rank raises it, none waits for a pretraining that will not start
+        if distributed.world_size() > 1:
+            state = distributed.broadcast_object(state)
+        if isinstance(state, BaseException):
+            raise state
+        if state == "done":
+            _warn_if_recipe_changed(recipe, path)
+            return
+        from .pretrain import pretrain
 
-    log.info("pretraining %s (recipe %s): no checkpoint yet", spec.name, spec.weights.recipe)
-    pretrain(spec.weights.recipe, device=opts.device)
+        if state == "missing":
+            log.info("pretraining %s (recipe %s): no checkpoint yet", spec.name, recipe)
+        else:
+            log.info("%s (recipe %s): its pretraining was interrupted at step %d of %d; resuming it", spec.name,
+                     recipe, *state)
+        pretrain(recipe, device=opts.device, resume=True)
+
+
+@contextlib.contextmanager
+def _recipe_lock(recipe: str) -> Iterator[None]:
+    """One process at a time pretrains ``recipe`` into its checkpoint folder (a file lock in that folder)."""
+    from filelock import FileLock, Timeout
+
+    from .models.weights import recipe_checkpoint_path
+
+    folder = recipe_checkpoint_path(recipe).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / "pretrain.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process that is pretraining recipe %s (lock %s)", recipe, lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _recipe_checkpoint_state(spec: ModelSpec, path: Path) -> str | tuple[int, int]:
+    """``"missing"``, ``"done"``, or ``(step, end)`` of an interrupted pretraining that will be resumed.
+
+    A checkpoint that cannot be read (truncated) or cannot be resumed (made with other settings) is an error that
+    says how to make it again; it is never deleted here.
+    """
+    if not path.is_file():
+        return "missing"
+    from .models.weights import interrupted_at, interrupted_message, load_checkpoint_file, remake_advice
+    from .pretrain import resolve_config
+    from .pretrain.checkpoint import check_format
+    from .pretrain.train import config_differences
+
+    recipe = spec.weights.recipe
+    ckpt = load_checkpoint_file(path, remake=remake_advice(recipe, path, automatic=True))
+    try:
+        check_format(ckpt, repr(str(path)))
+    except WeightsError as exc:
+        raise WeightsError(f"{exc}; {remake_advice(recipe, path, automatic=True)}") from None
+    where = interrupted_at(ckpt)
+    if where is None:
+        return "done"
+    diffs = config_differences(ckpt["config"], resolve_config(recipe).to_dict())
+    if diffs:  # resuming it as the recipe would mix two configs in one model
+        raise WeightsError(
+            f"{interrupted_message(ckpt, path)}, or move {str(path.parent)!r} away to let `run` pretrain recipe "
+            f"{recipe} anew (the checkpoint differs from it in {', '.join(diffs[:4])})"
+        )
+    return where
 
 
 #: Run settings that do not change what a pretraining run computes.
@@ -289,15 +437,40 @@ def _error_record(model: str, spec: TaskSpec, exc: BaseException) -> ErrorRecord
     )
 
 
+def _labels_from(spec: TaskSpec) -> Callable[[Any], Any]:
+    """``ref ->`` the split whose class list labels ``ref`` in task ``spec``: the training split for every split but
+    the training split itself and the OOD set (whose images belong to no class); None in tasks without one."""
+    train, ood = spec.datasets.get("train"), spec.datasets.get("ood")
+
+    def of(ref: Any) -> Any:
+        return None if train is None or ref == train or (ood is not None and ref == ood) else train
+
+    return of
+
+
 def _run_one(model: Any, spec: TaskSpec, opts: RunOptions, device: torch.device, source: _FeatureSource) -> ResultRecord:
     task = build_task(spec)
     per_seed: dict[str, dict[str, float]] = {}
     extras: dict[str, Any] = {}
+    labels_from = _labels_from(spec)
+    unchecked = [ref for ref in spec.datasets.values() if labels_from(ref) is not None]
+
+    def checked_labels_from(ref: Any) -> Any:
+        # At the task's first request for data (after its own card checks, before any image is read) every labelled
+        # split is checked against the training split's classes, so a missing class costs no extraction.
+        while unchecked:
+            source.dataset(unchecked[0], labels_from(unchecked[0]))
+            unchecked.pop(0)
+        return labels_from(ref)
+
     start = time.perf_counter()
     for seed in opts.seeds:
         torch.manual_seed(seed)
-        ctx = TaskContext(model=model, seed=seed, device=device, data_root=opts.data_root,
-                          feature_fn=source.features, dataset_fn=source.dataset, options=opts)
+        ctx = TaskContext(
+            model=model, seed=seed, device=device, data_root=opts.data_root, options=opts,
+            feature_fn=lambda ref, layer, **kw: source.features(ref, layer, labels_from=checked_labels_from(ref), **kw),
+            dataset_fn=lambda ref: source.dataset(ref, checked_labels_from(ref)),
+        )
         out = task.run(ctx)
         per_seed[str(seed)] = {k: float(v) for k, v in out.metrics.items()}
         if not extras:
@@ -308,7 +481,8 @@ def _run_one(model: Any, spec: TaskSpec, opts: RunOptions, device: torch.device,
     return ResultRecord(
         model=mspec.name, task=spec.name, task_version=spec.version, task_kind=spec.kind, suite=spec.suite,
         main_score=spec.main_score, weights_sha256=model.weights_sha256, seeds=list(opts.seeds), per_seed=per_seed,
-        protocol=dict(vars(task.params)) if hasattr(task.params, "__dict__") else {}, datasets=spec.datasets,
+        protocol=dict(vars(task.params)) if hasattr(task.params, "__dict__") else {}, run_config=run_settings(opts),
+        datasets=spec.datasets,
         extras=extras,
         model_info={"method": mspec.method, "arch": mspec.arch, "weights": mspec.weights.kind,
                     "recipe": mspec.weights.recipe, "pretrained_on": list(mspec.pretrained_on),
@@ -330,15 +504,17 @@ def evaluate(
         tasks: task names (``digits_knn``, ``imagenet_c``, ...).
         seeds: seeds of the stochastic parts (probe init and batches, subsets); mean and std over them.
         device: "auto" (CUDA when present), "cpu", "cuda", ...
-        results_dir: where ``<model>/<task>.json`` records live (default ``leaderboards/results``).
+        results_dir: where ``<model>/<task>.json`` records live (default ``<PROSMIN_BENCH_HOME>/results``; the
+            committed reference records in ``leaderboards/results`` are rewritten only when named here).
         overwrite: recompute records that already exist.
 
     Under ``torchrun`` every rank calls this: each extracts its shard of every dataset, rank 0 alone runs the
     protocols and writes the records, and the other ranks return an empty list.
     """
     if options is None:  # the keyword arguments describe the run; with `options`, those are used as given
-        options = RunOptions(seeds=tuple(int(s) for s in seeds), device=device, overwrite=overwrite)
+        options = RunOptions(seeds=seeds, device=device, overwrite=overwrite)
     opts = options
+    opts.check()  # options may have been changed since they were made
     if results_dir is not None:
         opts.results_dir = Path(results_dir)
     model_list = [models] if isinstance(models, (str, ModelSpec)) else list(models)
@@ -351,21 +527,24 @@ def evaluate(
     if opts.weights is not None and len(mspecs) != 1:
         raise ProsminBenchError(f"--weights applies to one model, but {len(mspecs)} were given; use --weights-dir")
     # Inputs named on the command line are checked before any work, so a typo costs nothing.
-    if opts.weights is not None and not Path(opts.weights).expanduser().is_file():
-        raise WeightsError(f"Weights file {str(opts.weights)!r} does not exist; check the --weights path")
+    if opts.weights is not None:
+        check_weights_file(opts.weights)
     if opts.weights_dir is not None and not Path(opts.weights_dir).expanduser().is_dir():
         raise WeightsError(f"--weights-dir {str(opts.weights_dir)!r} is not a folder; check the path")
     if opts.data_root is not None and not Path(opts.data_root).expanduser().is_dir():
         raise DataError(f"Data root {str(opts.data_root)!r} does not exist; pass the folder that holds imagenet/, "
                         "imagenet-o/, imagenet-c/ (see `prosmin-bench data check --data-root DIR`)")
+    for mspec in mspecs:  # a name that cannot be a file name inside the results folder fails before any work
+        for tspec in tspecs:
+            record_path(opts.results_dir, mspec.name, tspec.name)
+    resolve_device(opts.device)  # so does a device this machine does not have
     check_writable(opts.results_dir)
+    check_cache_writable()  # features, heads, checkpoints and locks live there
     distributed.init_from_env(opts.device)  # joins the process group under torchrun; a no-op otherwise
     dev = distributed.process_device(opts.device) if distributed.world_size() > 1 else resolve_device(opts.device)
     if not distributed.is_main():
         _serve_extraction(mspecs, opts, dev)
         return []
-    from filelock import FileLock
-
     records: list[Record] = []
     for model_index, mspec in enumerate(mspecs):
         try:
@@ -377,7 +556,7 @@ def evaluate(
                 rec = _error_record(mspec.name, tspec, exc)
                 path = record_path(opts.results_dir, mspec.name, tspec.name)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with FileLock(str(path) + ".lock"):
+                with _record_lock(opts.results_dir, path):
                     # Never replace a finished result with this failure: another run (another job on the same
                     # folder, or an earlier run with working weights) may have written it.
                     if not _is_result(path):
@@ -388,9 +567,10 @@ def evaluate(
         for tspec in tspecs:
             path = record_path(opts.results_dir, mspec.name, tspec.name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(path) + ".lock"):
+            with _record_lock(opts.results_dir, path):
                 done = None if opts.overwrite else _existing_ok(path, tspec, opts.seeds, model.weights_sha256,
-                                                                model.network)
+                                                                model.network, model=mspec.name,
+                                                                settings=run_settings(opts))
                 if done is not None:
                     log.info("%s / %s: up to date (%s = %.4f)", mspec.name, tspec.name, done.main_score, done.main_value)
                     records.append(done)

@@ -689,8 +689,8 @@ def _class_missing_from_train(data: Path) -> tuple[str, list[str]]:
     import shutil
 
     shutil.rmtree(data / "toy" / "train" / "b")  # class b is in the test folder only
-    return "0.5", ["toy_lowshot (seed 0): 1 class(es) of the evaluation set have no labelled training example "
-                   "(e.g. ['b']); the subset or the train folder is incomplete"]
+    return "0.5", [f"Class 'b' has 3 image(s) in split {str(data / 'toy' / 'test')!r}, folder "
+                   f"{str(data / 'toy' / 'test' / 'b')!r} but none in the training split {str(data / 'toy' / 'train')!r}"]
 
 
 @pytest.mark.parametrize("make", [_split_too_small, _class_missing_from_train], ids=["split-too-small",
@@ -775,9 +775,9 @@ def test_disk_full_during_the_run_is_one_line_and_keeps_finished_results(tmp_pat
     kept = record_path(res, "random_micro", "toy_knn").read_text()
     real, calls = os.fsync, []
 
-    def fills_up(fd):  # the start-up check passes; the disk is full by the time the next record is written
+    def fills_up(fd):  # the start-up checks (results, cache) pass; the disk is full when the next record is written
         calls.append(fd)
-        if len(calls) > 1:
+        if len(calls) > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd)
 

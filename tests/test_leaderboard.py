@@ -312,7 +312,7 @@ def test_committed_mini_leaderboard_is_reproduced_byte_for_byte() -> None:
     page, results = REPO / "leaderboards" / "mini.md", REPO / "leaderboards" / "results"
     assert page.is_file() and any(results.glob("*/*.json")), (
         "leaderboards/mini.md and leaderboards/results/ must be committed "
-        "(`prosmin-bench run --leaderboard leaderboards`)")
+        "(`prosmin-bench run --results leaderboards/results --leaderboard leaderboards`)")
     assert leaderboard.render(results, "mini") == page.read_text(encoding="utf-8"), (
         "leaderboards/mini.md differs from the result files: regenerate it with "
         "`prosmin-bench leaderboard --results leaderboards/results --out leaderboards`")

@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 import prosmin_bench
 from prosmin_bench import cards, features
@@ -158,7 +159,10 @@ def test_a_checkpoint_from_a_changed_recipe_is_used_with_a_warning(caplog):
 
     path = recipe_checkpoint_path("prosmin_micro")
     path.parent.mkdir(parents=True)
-    path.write_bytes(b"a checkpoint")
+    # a finished run as far as _ensure_weights reads it (format, step of steps); its weights are not needed here
+    torch.save({"format": "prosmin-bench/pretrain", "format_version": 1, "recipe": "prosmin_micro", "step": 5,
+                "total_steps": 5, "config": resolve_config("prosmin_micro").to_dict()}, path)
+    kept = path.read_bytes()
     saved = resolve_config("prosmin_micro").to_dict()
     saved["run"]["checkpoint_every_steps"] = 7  # execution only: not a difference
     (path.parent / "config.json").write_text(json.dumps(saved))
@@ -172,7 +176,7 @@ def test_a_checkpoint_from_a_changed_recipe_is_used_with_a_warning(caplog):
     assert recipe_differences("prosmin_micro", path) == expected
     with caplog.at_level(logging.WARNING, logger="prosmin_bench.runner"):
         _ensure_weights(get_model_spec("prosmin_micro"), RunOptions())
-    assert path.read_bytes() == b"a checkpoint"  # kept, not retrained
+    assert path.read_bytes() == kept  # kept, not retrained
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "differs from recipe prosmin_micro as it is now" in warning and expected[0] in warning and expected[1] in warning
     assert "move the checkpoint's folder" in warning

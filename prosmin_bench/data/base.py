@@ -8,6 +8,7 @@ loader ``load(split, data_root) -> ImageDataset``. Listing datasets never reads 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from PIL import Image
 
 from ..errors import DataError
 from ..registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -37,6 +40,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self) -> None:
         self.transform: Callable[[Image.Image], Any] | None = None
+
+    def fingerprint_for(self, data_hash: str = "stat") -> str:
+        """The fingerprint under ``data_hash`` (one of :data:`DATA_HASHES`). Only file-backed data tells the two
+        apart; in-memory data is always fingerprinted by content."""
+        check_data_hash(data_hash)
+        return self.fingerprint
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -71,10 +80,26 @@ class ArrayImageDataset(ImageDataset):
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = list(class_names)
-        self.fingerprint = fingerprint
+        # The given name keeps the fingerprint readable; the digest makes it follow the pixels and labels, so data
+        # regenerated differently (another scikit-image, an edited digits_c file) never meets stale features.
+        self.fingerprint = f"{fingerprint}-{array_digest(images, self.labels)}"
 
     def get_image(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index])
+
+
+#: Integer grey modes Pillow gives 16-bit images (PNG, TIFF; "I" from older Pillow or a conversion); their values span
+#: 0..65535, which ``convert("RGB")`` clips at 255 (every pixel above 1/257 of full scale turns white).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. 16-bit grey is scaled to 8 bits (value / 257, rounded: 257 * v8 reads back as v8);
+    16-bit colour PNGs already arrive as 8-bit "RGB"/"RGBA" from Pillow; every other mode is Pillow's conversion."""
+    if image.mode in _WIDE_GREY_MODES:
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
 
 
 class FileImageDataset(ImageDataset):
@@ -92,12 +117,25 @@ class FileImageDataset(ImageDataset):
         self.class_names = list(class_names)
         self.root = str(root) if root is not None else None
         self.fingerprint = fingerprint or file_list_fingerprint(self.paths, self.labels, root)
+        self._content_fingerprint: str | None = None
+
+    def fingerprint_for(self, data_hash: str = "stat") -> str:
+        """``"stat"``: :attr:`fingerprint` (sizes and mtimes, no image read); ``"content"``: the sha256 of every
+        file's bytes (reads the whole dataset once per process)."""
+        check_data_hash(data_hash)
+        if data_hash == "stat":
+            return self.fingerprint
+        if self._content_fingerprint is None:
+            log.info("hashing the bytes of %d image files under %s (--data-hash content)", len(self.paths),
+                     self.root or "their folders")
+            self._content_fingerprint = file_list_fingerprint(self.paths, self.labels, self.root, content=True)
+        return self._content_fingerprint
 
     def get_image(self, index: int) -> Image.Image:
         path = self.paths[index]
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
+                return to_rgb(im)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(
                 f"Image {path!r} is unreadable or truncated ({type(exc).__name__}: {str(exc)[:120]}); "
@@ -105,18 +143,53 @@ class FileImageDataset(ImageDataset):
             ) from None
 
 
-def file_list_fingerprint(paths: Sequence[str], labels: np.ndarray, root: str | os.PathLike | None) -> str:
-    """sha256 over relative paths, sizes and labels: cheap (no image reads), changes when files change."""
-    h = hashlib.sha256()
+#: How image files are fingerprinted for the feature cache: "stat" reads only file metadata (fast enough for
+#: ImageNet's 1.28M files), "content" hashes every file's bytes (catches an edit that keeps size and mtime).
+DATA_HASHES = ("stat", "content")
+
+
+def check_data_hash(data_hash: str) -> None:
+    if data_hash not in DATA_HASHES:
+        raise DataError(f"Expected data hash 'stat' or 'content', but got {data_hash!r}")
+
+
+def array_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 (16 hex digits) of an in-memory dataset's shape, pixels and labels."""
+    h = hashlib.sha256(f"{images.shape}|{images.dtype.str}\n".encode())
+    h.update(np.ascontiguousarray(images).data)
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).data)
+    return h.hexdigest()[:16]
+
+
+def file_list_fingerprint(paths: Sequence[str], labels: np.ndarray, root: str | os.PathLike | None,
+                          *, content: bool = False) -> str:
+    """sha256 over the resolved root and, per file, its path relative to it, its label and either its size and
+    mtime (no image read) or, with ``content``, the sha256 of its bytes.
+
+    The root is resolved (absolute, symlinks followed) so another copy of the same layout under another
+    ``--data-root`` is another dataset, while a symlink to the same folder is the same one.
+    """
+    h = hashlib.sha256(f"content={content}\n".encode())
     base = Path(root) if root is not None else None
+    if base is not None:
+        h.update(f"root={os.path.realpath(base)}\n".encode())
     for p, y in zip(paths, labels.tolist()):
-        rel = os.path.relpath(p, base) if base is not None else p
-        try:
-            size = os.path.getsize(p)
-        except OSError:
-            size = -1
-        h.update(f"{rel}\0{size}\0{y}\n".encode())
+        rel = os.path.relpath(p, base) if base is not None else os.path.realpath(p)
+        h.update(f"{rel}\0{y}\0{_file_identity(p, content)}\n".encode())
     return h.hexdigest()[:32]
+
+
+def _file_identity(path: str, content: bool) -> str:
+    """``size:mtime_ns`` of a file, or ``size:sha256`` of its bytes; ``missing`` when it cannot be read (the
+    loader then fails on it with the file's name)."""
+    try:
+        if not content:
+            st = os.stat(path)
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        with open(path, "rb") as f:
+            return f"{os.fstat(f.fileno()).st_size}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
+    except OSError:
+        return "missing"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Local image folders: the class-per-subfolder layout and ImageNet's train/val layout.
 
 Class order is the sorted subfolder names (torchvision ImageFolder's convention), or a fixed class list (ImageNet:
-the 1,000 wnids in index order, shipped as reference data) so label indices match across folders and subsets.
+the 1,000 wnids in index order, shipped as reference data) so label indices match across folders and subsets. A
+task labels its other splits by class name in its training split's list (``data.labels``), so a test folder that
+lacks a class shifts nothing.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ def list_image_folder(
 ) -> FileImageDataset:
     """Scan ``root/<class>/<image>``. With ``classes``, labels follow that order and other folders are ignored.
 
-    Raises DataError when the root is missing, has no class folders, or has no images, saying what was found.
+    Raises DataError when the root is missing, has no class folders, has no images, or (without ``classes``) has a
+    class folder without images, saying what was found.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{name}: folder {str(root)!r} does not exist; expected {root}/<class>/<image files>")
     found = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    discovered = classes is None
     if classes is None:
         classes = found
         if not classes:
@@ -63,17 +67,29 @@ def list_image_folder(
             )
     paths: list[str] = []
     labels: list[int] = []
+    empty: list[Path] = []
     for idx, cls in enumerate(classes):
         d = root / cls
         if not d.is_dir():
             continue
+        before = len(paths)
         for e in sorted(os.scandir(d), key=lambda e: e.name):
             if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(e.path)
                 labels.append(idx)
+        if len(paths) == before:
+            empty.append(d)
     if not paths:
         raise DataError(
             f"{name}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}/<class>/; "
             "check the path and the layout"
+        )
+    if empty and discovered:
+        # A class found as a folder is a class of the task: with no images it can be neither learned nor scored
+        # (a probe would get an output no example trains). A fixed class list (ImageNet's) may lack images of some.
+        more = f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else ""
+        raise DataError(
+            f"{name}: class folder {str(empty[0])!r}{more} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            "add its images or remove the folder"
         )
     return FileImageDataset(paths, labels, list(classes), root=root)

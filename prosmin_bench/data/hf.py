@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .base import ImageDataset
+from .base import ImageDataset, to_rgb
 
 
 class HFImageDataset(ImageDataset):
@@ -42,7 +42,7 @@ class HFImageDataset(ImageDataset):
         img = self.ds[int(index)][self.image_column]
         if not isinstance(img, Image.Image):
             img = Image.fromarray(np.asarray(img))
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def load_hf(path: str, split: str, image_column: str = "image", label_column: str = "label",
@@ -68,5 +68,7 @@ def load_hf(path: str, split: str, image_column: str = "image", label_column: st
             f"Could not load HF dataset {path!r} split {split!r} ({type(exc).__name__}: {str(exc)[:160]}). "
             "Give a local parquet/imagefolder path under --data-root, or run once online to fill the HF cache"
         ) from None
-    fp = hashlib.sha256(f"{path}|{split}|{getattr(ds, '_fingerprint', '')}|{len(ds)}".encode()).hexdigest()[:32]
+    # Local data is named by its resolved folder, so two copies of one layout under two data roots stay apart.
+    where = str(local.resolve()) if local.is_dir() else path
+    fp = hashlib.sha256(f"{where}|{split}|{getattr(ds, '_fingerprint', '')}|{len(ds)}".encode()).hexdigest()[:32]
     return HFImageDataset(ds, image_column, label_column, fp)

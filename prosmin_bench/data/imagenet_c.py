@@ -114,12 +114,13 @@ def _process_image(args: tuple[str, str, list[tuple[str, int, str]], int, int, i
     import numpy as np
     from PIL import Image
 
+    from .base import to_rgb
     from .corruptions import CORRUPTIONS as _ORDER
     from .corruptions import corrupt_image
 
     path, rel, todo, resize, crop, quality, seed = args
     with Image.open(path) as im:
-        img = im.convert("RGB")
+        img = to_rgb(im)
     img = _resize_center_crop(img, resize, crop)
     arr = np.asarray(img, dtype=np.uint8)
     for corruption, severity, dst in todo:

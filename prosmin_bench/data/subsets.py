@@ -162,8 +162,11 @@ class SubsetImageDataset(ImageDataset):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = np.asarray(base.labels)[self.indices]
         self.class_names = list(base.class_names)
-        digest = hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]
-        self.fingerprint = f"{base.fingerprint}|subset={digest}"
+        self._digest = hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]
+        self.fingerprint = f"{base.fingerprint}|subset={self._digest}"
+
+    def fingerprint_for(self, data_hash: str = "stat") -> str:
+        return f"{self.base.fingerprint_for(data_hash)}|subset={self._digest}"
 
     def get_image(self, index: int):
         return self.base.get_image(int(self.indices[index]))

@@ -24,7 +24,8 @@ __all__ = [
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else MPS, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` -> CUDA when available, else MPS, else CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` are checked
+    against this machine (a ProsminBenchError saying what exists instead of a failure deep inside the run)."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -35,10 +36,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise ProsminBenchError(f"Expected --device auto, cpu, cuda[:N] or mps, but got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProsminBenchError(f"--device {device} was asked for, but CUDA is not available here; use --device cpu")
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ProsminBenchError(f"Expected --device auto, cpu, cuda, cuda:N or mps, but got {device!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ProsminBenchError(f"--device {device} was asked for, but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ProsminBenchError(
+                f"--device {device} was asked for, but this machine has {count} CUDA device{'s' * (count > 1)} "
+                f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); use one of those or --device cpu"
+            )
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ProsminBenchError(f"--device {device} was asked for, but MPS (Apple GPU) is not available here; "
+                                "use --device cpu")
     return dev
 
 

@@ -6,8 +6,13 @@ turns ``baselines/*.toml`` cards into specs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+#: torchvision's ``InterpolationMode`` values (what ``Preprocess.build`` accepts), spelled out so that reading a
+#: card does not import torchvision.
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,28 @@ class Preprocess:
             ops.append(T.Resize(self.resize, interpolation=interp))
         ops += [T.CenterCrop(self.crop), T.ToTensor(), T.Normalize(self.mean, self.std)]
         return T.Compose(ops)
+
+    def problem(self) -> tuple[str, str] | None:
+        """The first field that cannot work and what is wrong with it, or None when every field is usable."""
+        if self.resize is not None and (isinstance(self.resize, bool) or not isinstance(self.resize, int)
+                                        or self.resize < 1):
+            return "resize", f"must be a positive integer, but got {self.resize!r}"
+        if isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1:
+            return "crop", f"must be a positive integer, but got {self.crop!r}"
+        if self.resize is not None and self.crop > self.resize:
+            # Resize(n) makes the shorter side n: a larger centre crop pads the image with zeros
+            return "crop", f"must not exceed resize ({self.resize}), but got {self.crop}"
+        if self.interpolation not in INTERPOLATIONS:
+            return "interpolation", f"must be one of {list(INTERPOLATIONS)}, but got {self.interpolation!r}"
+        for name, values, positive in (("mean", self.mean, False), ("std", self.std, True)):
+            ok = len(values) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+                for v in values
+            )
+            if not ok:
+                what = "finite positive numbers" if positive else "finite numbers"
+                return name, f"must be 3 {what} (one per RGB channel), but got {list(values)!r}"
+        return None
 
     def key(self) -> str:
         """A stable description used in cache keys (a change of preprocessing changes the features)."""

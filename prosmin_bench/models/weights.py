@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from .. import config
 from ..errors import WeightsError
-from .converters import StateDict, checkpoint_family, convert
+from ..results import inside
+from .converters import PRETRAIN_FORMAT, StateDict, checkpoint_family, convert
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,88 @@ def sha256_state_dict(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def recipe_checkpoint_path(recipe: str) -> Path:
-    """Where ``prosmin-bench pretrain --recipe NAME`` writes its final checkpoint."""
-    return config.checkpoints_dir() / recipe / "checkpoint.pt"
+    """Where ``prosmin-bench pretrain --recipe NAME`` writes its final checkpoint (ResultsError for a recipe name
+    that would lead outside the checkpoints folder)."""
+    return inside(config.checkpoints_dir(), recipe, "checkpoint.pt", what="checkpoint")
+
+
+def check_weights_file(weights: str | os.PathLike) -> Path:
+    """The ``--weights`` path, refused unless it is a file: a folder gets told which file inside it to pass."""
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        inner = path / "checkpoint.pt"
+        example = f" (e.g. {str(inner)!r})" if inner.is_file() else ""
+        raise WeightsError(
+            f"Weights path {str(path)!r} is a folder; pass the checkpoint file inside it{example} as --weights, "
+            "or the folder as --weights-dir"
+        )
+    if not path.is_file():
+        raise WeightsError(f"Weights file {str(path)!r} does not exist; check the --weights path")
+    return path
+
+
+def _is_default_recipe_path(recipe: str, path: Path) -> bool:
+    try:
+        return path.resolve() == recipe_checkpoint_path(recipe).resolve()
+    except OSError:
+        return False
+
+
+def remake_advice(recipe: str, path: str | os.PathLike, *, automatic: bool) -> str:
+    """How to make a damaged pretraining output again (there is nothing to download: the recipe makes it).
+
+    ``automatic``: ``prosmin-bench run`` pretrains a missing checkpoint of this recipe by itself (mini scale).
+    """
+    path = Path(path)
+    if _is_default_recipe_path(recipe, path):
+        again = f"make it again with `prosmin-bench pretrain --recipe {recipe}`"
+        return f"delete it and {again}" + (" or run again to re-pretrain it automatically" if automatic else "")
+    return f"delete it and make it again with `prosmin-bench pretrain --recipe {recipe} --out {path.parent}`"
+
+
+def interrupted_at(ckpt: Any) -> tuple[int, int] | None:
+    """``(step, end)`` of a pretraining checkpoint whose run stopped before the end it was set for (Ctrl-C,
+    SIGTERM, a crash: a checkpoint written part-way); ``None`` for a run that reached its end or another format.
+
+    The end is the schedules' last step, or ``run.max_steps`` when the run was asked to stop early: a deliberately
+    short run is complete, an interrupted one is not a model to evaluate.
+    """
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != PRETRAIN_FORMAT:
+        return None
+    step, total = int(ckpt.get("step", 0)), int(ckpt.get("total_steps", 0))
+    max_steps = ((ckpt.get("config") or {}).get("run") or {}).get("max_steps")
+    end = total if max_steps is None else min(total, int(max_steps))
+    return (step, end) if step < end else None
+
+
+def interrupted_message(ckpt: Mapping[str, Any], path: str | os.PathLike) -> str:
+    """The one-line refusal for an interrupted pretraining checkpoint, with the command that finishes it."""
+    step, end = interrupted_at(ckpt) or (int(ckpt.get("step", 0)), int(ckpt.get("total_steps", 0)))
+    recipe, path = str(ckpt.get("recipe")), Path(path)
+    command = f"prosmin-bench pretrain --recipe {recipe} --resume"
+    if not _is_default_recipe_path(recipe, path):
+        command += f" --out {path.parent}"
+    same = ""
+    if _started_with_other_settings(recipe, ckpt):
+        same = " with the --epochs and --set values it was started with"
+    return (
+        f"Checkpoint {str(path)!r} is an interrupted pretraining (step {step} of {end}, recipe {recipe}), not a "
+        f"finished model; finish it with `{command}`{same}, then run again"
+    )
+
+
+def _started_with_other_settings(recipe: str, ckpt: Mapping[str, Any]) -> bool:
+    """Whether the checkpoint's config differs from the recipe's outside ``run.*`` (which a resume may change)."""
+    from ..errors import ProsminBenchError
+
+    from ..pretrain import resolve_config
+    from ..pretrain.train import config_differences
+
+    try:
+        now = resolve_config(recipe).to_dict()
+    except ProsminBenchError:  # a recipe this installation does not know: nothing to compare with
+        return False
+    return bool(config_differences(dict(ckpt.get("config") or {}), now))
 
 
 #: Set to 1 to forbid downloads (``HF_HUB_OFFLINE=1``, which the suite's offline runs already set, counts too).
@@ -73,10 +154,7 @@ def resolve_weights_path(
     Raises WeightsError naming the places searched, the URL and where to put the file when nothing is found.
     """
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"Weights file {str(path)!r} does not exist; check the --weights path")
-        return path
+        return check_weights_file(weights)
     src = spec.weights
     if src.random:
         return None
@@ -100,7 +178,7 @@ def resolve_weights_path(
     candidates = []
     if weights_dir is not None:
         candidates.append(Path(weights_dir).expanduser() / filename)
-    cached = config.weights_cache_dir() / filename
+    cached = inside(config.weights_cache_dir(), filename, what="weights file")  # downloads are written here
     candidates.append(cached)
     for p in candidates:
         if p.is_file():
@@ -185,24 +263,24 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format since PyTorch 1.
 _PICKLE_PROTO = 0x80  # legacy torch.save files start with a pickle protocol opcode
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
+def load_checkpoint_file(path: str | os.PathLike, *, remake: str = "download it again or pass another file") -> Any:
     """``torch.load`` on CPU with the safe unpickler, with clear errors for empty, truncated and non-checkpoint
     files (an HTML error page saved by a failed download, an image, random bytes).
 
     Only tensors, plain containers and ``SAFE_GLOBALS`` are unpickled (``weights_only=True``): a checkpoint file
-    cannot run code. A file that stores other Python objects is an error that names the object.
+    cannot run code. A file that stores other Python objects is an error that names the object. ``remake`` is
+    the advice for a damaged file (a pretraining output is made again, not downloaded: :func:`remake_advice`).
     """
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
-        raise WeightsError(f"Weights file {str(path)!r} is empty; download it again")
+        raise WeightsError(f"Weights file {str(path)!r} is empty; {remake}")
     with open(path, "rb") as f:
         head = f.read(4)
     if head != _ZIP_MAGIC and head[:1] != bytes([_PICKLE_PROTO]):
         what = "an HTML/text page (a failed download?)" if head.lstrip()[:1] in (b"<", b"{") else "not a PyTorch file"
         raise WeightsError(
-            f"Weights file {str(path)!r} is not a PyTorch checkpoint (it starts with {head!r}: {what}); "
-            "download it again or pass another file"
+            f"Weights file {str(path)!r} is not a PyTorch checkpoint (it starts with {head!r}: {what}); {remake}"
         )
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
@@ -216,13 +294,11 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
                 "if you trust the file, re-save its state dict with plain tensors and pass that file"
             ) from None
         raise WeightsError(
-            f"Weights file {str(path)!r} is truncated or not a PyTorch checkpoint ({_short(exc)}); "
-            "download it again or pass another file"
+            f"Weights file {str(path)!r} is truncated or not a PyTorch checkpoint ({_short(exc)}); {remake}"
         ) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, BadZipFile... for damaged files
         raise WeightsError(
-            f"Weights file {str(path)!r} is truncated or not a PyTorch checkpoint ({_short(exc)}); "
-            "download it again or pass another file"
+            f"Weights file {str(path)!r} is truncated or not a PyTorch checkpoint ({_short(exc)}); {remake}"
         ) from None
 
 
@@ -273,7 +349,8 @@ def load_weights(
     Returns ``(file_sha256, format_name, checkpoint)``; the sha256 is always computed, so every result records
     exactly which file it came from. A checkpoint that evidently belongs to another method family than the
     card's (e.g. a DINO full checkpoint given to ``mocov3_vits16``, whose 12-head build has the same shapes and
-    would load without complaint) is an error.
+    would load without complaint) is an error, and so is an interrupted pretraining checkpoint (its step-100-of-308
+    weights are not the model the name stands for).
     """
     path = Path(path)
     digest = sha256_file(path)
@@ -283,7 +360,11 @@ def load_weights(
             f"Weights file {str(path)!r} has sha256 {digest}, but the card for {spec.name!r} pins {pinned}: "
             "the file is damaged or a different release; delete it and download it again"
         )
-    ckpt = load_checkpoint_file(path)
+    recipe = spec.weights.recipe
+    ckpt = load_checkpoint_file(path) if not recipe else load_checkpoint_file(
+        path, remake=remake_advice(recipe, path, automatic=spec.scale == "mini"))
+    if interrupted_at(ckpt) is not None:
+        raise WeightsError(interrupted_message(ckpt, path))
     try:
         state, name = convert(ckpt, fmt or spec.converter)
     except WeightsError as exc:  # the converters see a dict, not a file: say which file it was

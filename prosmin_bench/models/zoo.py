@@ -6,13 +6,18 @@ architecture with the weights of the ``prosmin_micro`` pretraining recipe.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
 
 from .. import cards
-from ..errors import CardError
-from ..registry import Registry
+from ..errors import CardError, ProsminBenchError, UnknownNameError
+from ..registry import NAME_RULE, TIMM_FOLDER_PREFIX, TIMM_PREFIX, Registry, is_safe_name
+from .architectures import ARCHITECTURES
+from .backbone import parse_layer
 from .spec import MINI_PREPROCESS, ModelSpec, Preprocess, WeightsSource
 
 log = logging.getLogger(__name__)
@@ -64,9 +69,14 @@ def spec_from_card(card: cards.Card) -> ModelSpec:
     unknown = sorted(set(weights) - _WEIGHTS_FIELDS)
     if unknown:
         raise CardError(f"Card {str(card.path)!r}: unknown field(s) {unknown} in [weights]; allowed {sorted(_WEIGHTS_FIELDS)}")
+    name = cards.name_field(card, "name")
+    if name.startswith(TIMM_FOLDER_PREFIX):  # keeps the folder of timm:<name> one to one with its model
+        raise CardError(f"Card {str(card.path)!r}: field 'name' must not start with {TIMM_FOLDER_PREFIX!r} (the "
+                        f"results folder of timm:<name> models), but got {name!r}")
     src = WeightsSource(
-        url=f("weights.url", str, None), filename=f("weights.filename", str, None), sha256=f("weights.sha256", str, None),
-        format=f("weights.format", str, None), recipe=f("weights.recipe", str, None),
+        url=f("weights.url", str, None), filename=cards.name_field(card, "weights.filename", None),
+        sha256=f("weights.sha256", str, None), format=f("weights.format", str, None),
+        recipe=cards.name_field(card, "weights.recipe", None),
         random=f("weights.random", bool, False), seed=f("weights.seed", int, 0), init=f("weights.init", str, "timm"),
     )
     if src.init not in _RANDOM_INITS or (src.init != "timm" and not src.random):
@@ -77,6 +87,12 @@ def spec_from_card(card: cards.Card) -> ModelSpec:
     if sum([bool(src.url), bool(src.recipe), src.random]) != 1:
         raise CardError(
             f"Card {str(card.path)!r}: field 'weights' must set exactly one of url, recipe or random = true"
+        )
+    if src.url and not src.filename and not is_safe_name(PurePosixPath(urlparse(src.url).path).name):
+        # the download is stored under the URL's file name in the weights cache
+        raise CardError(
+            f"Card {str(card.path)!r}: field 'weights.url' must end in a file name ({NAME_RULE}), or set "
+            f"weights.filename; got {src.url!r}"
         )
     if src.sha256 is not None and (len(src.sha256) != 64 or any(c not in "0123456789abcdef" for c in src.sha256)):
         raise CardError(f"Card {str(card.path)!r}: field 'weights.sha256' must be 64 lowercase hex digits")
@@ -90,6 +106,28 @@ def spec_from_card(card: cards.Card) -> ModelSpec:
         interpolation=f("preprocess.interpolation", str, default.interpolation),
         mean=tuple(f("preprocess.mean", list, list(default.mean))), std=tuple(f("preprocess.std", list, list(default.std))),
     )
+    problem = preprocess.problem()
+    if problem is not None:
+        raise CardError(f"Card {str(card.path)!r}: field 'preprocess.{problem[0]}' {problem[1]}")
+    preprocess = dataclasses.replace(preprocess, mean=tuple(map(float, preprocess.mean)),
+                                     std=tuple(map(float, preprocess.std)))
+    arch = f("arch", str)
+    if arch.startswith(TIMM_PREFIX):
+        if not _timm_exists(arch[len(TIMM_PREFIX):]):
+            raise CardError(f"Card {str(card.path)!r}: field 'arch' names unknown timm model {arch!r} "
+                            "(see timm.list_models())")
+    elif arch not in ARCHITECTURES:
+        raise CardError(f"Card {str(card.path)!r}: field 'arch': {ARCHITECTURES.unknown_message(arch)}; or use "
+                        "'timm:<name>'")
+    feature_layer = f("feature_layer", str, "cls")
+    try:
+        parse_layer(feature_layer)
+    except ProsminBenchError as exc:
+        raise CardError(f"Card {str(card.path)!r}: field 'feature_layer': {exc}") from None
+    pretrained_on = f("pretrained_on", list, [])
+    if not all(isinstance(d, str) for d in pretrained_on):
+        raise CardError(f"Card {str(card.path)!r}: field 'pretrained_on' must be a list of dataset names, but got "
+                        f"{pretrained_on!r}")
     scale = f("scale", str, "imagenet")
     if scale not in ("mini", "imagenet"):
         raise CardError(f"Card {str(card.path)!r}: field 'scale' must be 'mini' or 'imagenet', but got {scale!r}")
@@ -101,9 +139,9 @@ def spec_from_card(card: cards.Card) -> ModelSpec:
             f"Card {str(card.path)!r}: field 'converter' names unknown format {converter!r}; known: {CONVERTERS.names()}"
         )
     return ModelSpec(
-        name=f("name", str), arch=f("arch", str), arch_kwargs=dict(f("arch_kwargs", dict, {})), weights=src,
-        converter=converter, feature_layer=f("feature_layer", str, "cls"), preprocess=preprocess, scale=scale,
-        method=f("method", str, ""), pretrained_on=tuple(f("pretrained_on", list, [])), paper=f("paper", str, ""),
+        name=name, arch=arch, arch_kwargs=dict(f("arch_kwargs", dict, {})), weights=src,
+        converter=converter, feature_layer=feature_layer, preprocess=preprocess, scale=scale,
+        method=f("method", str, ""), pretrained_on=tuple(pretrained_on), paper=f("paper", str, ""),
         licence=f("licence", str, ""), description=f("description", str, ""), reported=dict(f("reported", dict, {})),
         card=str(card.path),
     )
@@ -134,15 +172,19 @@ def catalogue() -> Registry[ModelSpec]:
         return _catalogue
 
 
+def _timm_exists(arch: str) -> bool:
+    """Whether timm knows ``arch`` (``<name>``, or ``<name>.<tag>``, which timm lists among pretrained names only);
+    a pattern like ``vit_*`` is not a model."""
+    import timm
+
+    return is_safe_name(arch) and bool(timm.list_models(arch) or timm.list_models(arch, pretrained=True))
+
+
 def get_model_spec(name: str) -> ModelSpec:
     """The spec for a registered name, or an ad-hoc spec for ``timm:<name>`` (random init unless weights given)."""
-    if name.startswith("timm:"):
-        import timm
-
-        arch = name[len("timm:") :]
-        if not timm.list_models(arch):
-            from ..errors import UnknownNameError
-
+    if name.startswith(TIMM_PREFIX):
+        arch = name[len(TIMM_PREFIX) :]
+        if not _timm_exists(arch):
             raise UnknownNameError(f"Unknown timm model {arch!r} (see timm.list_models())")
         return ModelSpec(name=name, arch=name, weights=WeightsSource(random=True), method="random", scale="imagenet",
                          description=f"timm {arch}, random init unless --weights is given")

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import PretrainConfig, apply_overrides
+from .config import PretrainConfig, apply_overrides, validate
 from .recipes import RECIPES, Recipe, get_recipe
 
 
@@ -24,7 +24,7 @@ def resolve_config(recipe: str, *, epochs: int | None = None, overrides: dict[st
         if int(epochs) < 1:
             raise ConfigError(f"Expected --epochs to be a positive integer, but got {epochs}")
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=int(epochs)))
-    return apply_overrides(cfg, overrides)
+    return validate(apply_overrides(cfg, overrides))
 
 
 def pretrain(recipe: str, *, epochs: int | None = None, out_dir: str | os.PathLike | None = None,
@@ -46,11 +46,20 @@ def pretrain(recipe: str, *, epochs: int | None = None, out_dir: str | os.PathLi
     first was destroyed (two of twelve such jobs hung in the second ``init_process_group`` or the barrier after
     it). The group is left when the process exits, or by :func:`prosmin_bench.distributed.destroy`.
     """
+    from ..errors import PretrainError
+    from ..models import resolve_device
     from ..models.weights import recipe_checkpoint_path
+    from ..results import folder_write_problem
     from .train import run_pretraining
 
     cfg = resolve_config(recipe, epochs=epochs, overrides=overrides)
     folder = Path(out_dir) if out_dir is not None else recipe_checkpoint_path(cfg.recipe).parent
+    # What the command line names is checked before any work (building the networks, reading the data).
+    resolve_device(device)
+    problem = folder_write_problem(folder)
+    if problem is not None:
+        raise PretrainError(f"Checkpoint folder {str(folder)!r} cannot be written: {problem}; pass a writable "
+                            "--out DIR")
     return run_pretraining(cfg, folder, resume=resume, device=device)
 
 

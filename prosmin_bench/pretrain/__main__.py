@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from ..cli import positive_epochs
 from ..errors import ProsminBenchError
 from . import pretrain
 from .config import ConfigError, parse_overrides
@@ -18,7 +19,7 @@ from .config import ConfigError, parse_overrides
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prosmin_bench.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True)
-    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--epochs", type=positive_epochs, default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--device", default="auto")

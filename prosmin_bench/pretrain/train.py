@@ -3,8 +3,9 @@
 Per step: lr and weight decay from their schedules (DINO ``cosine_scheduler``: linear warm-up then cosine decay
 of the lr; cosine weight decay), forward under autocast, non-finite check (on every process at once),
 backward, optional freezing of the head's last layer, DINO's per-parameter gradient clipping, AdamW step, EMA
-update of the target, one JSONL log line (rank 0), checkpoint every ``run.checkpoint_every_steps`` and at the
-end (rank 0, atomic). ``torch.distributed`` is only reached through ``prosmin_bench.distributed``.
+update of the target, one JSONL log line (rank 0), checkpoint every ``run.checkpoint_every_steps``, at the end,
+and at the step where Ctrl-C or SIGTERM arrived (rank 0, atomic; then the signal goes on: ``DeferredStop``).
+``torch.distributed`` is only reached through ``prosmin_bench.distributed``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -102,6 +105,66 @@ def clip_gradients_per_parameter(params: list[torch.nn.Parameter], clip: float) 
     return total
 
 
+# ---------------------------------------------------------------------------------------------- interruption
+class DeferredStop:
+    """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before a kill) during the loop end the run at
+    the next step boundary, after a checkpoint of that step, so a pre-empted run loses nothing and resumes exactly.
+
+    Raising at once could stop inside the optimiser or EMA update and save half a step. The first signal is
+    noted and the previous handlers are put back, so a second signal stops at once; :meth:`reraise` then hands
+    the signal to the handler that was in place (the CLI's raises KeyboardInterrupt or its ``Terminated``; the
+    default SIGTERM action ends the process). Signals that were ignored stay ignored; only the main thread can
+    install handlers, so elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> "DeferredStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous not in (signal.SIG_IGN, None):
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._note)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self.uninstall()
+        log.info("%s: pretraining stops after this step and saves a checkpoint (send it again to stop at once)",
+                 signal.Signals(signum).name)
+
+    def reraise(self, checkpoint: Path, step: int) -> None:
+        """Deliver the noted signal now that the checkpoint of ``step`` is written; the exception carries
+        ``checkpoint = (path, step)`` for the message."""
+        signum, self.signum = self.signum, None
+        self.uninstall()
+        try:
+            if signum is None:  # another process of the job was signalled: stop together
+                raise KeyboardInterrupt
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handler(signum, None)
+            else:
+                signal.raise_signal(signum)
+        except KeyboardInterrupt as exc:
+            exc.checkpoint = (str(checkpoint), step)  # type: ignore[attr-defined]
+            raise
+
+
 # ----------------------------------------------------------------------------------------------------- loop
 def build_method(cfg: PretrainConfig) -> PretrainMethod:
     """The method of ``cfg`` with a fresh backbone (seed the global RNG first for a reproducible init)."""
@@ -110,8 +173,8 @@ def build_method(cfg: PretrainConfig) -> PretrainMethod:
     return cls(cfg.method_config, backbone_factory=factory, crops=cfg.crops)
 
 
-def _same_run(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Config keys that differ between a checkpoint and the requested run (``run.*`` may differ)."""
+def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Config keys that differ between a checkpoint and the requested run (``run.*`` may differ on resume)."""
     diffs = []
     for section in sorted(set(saved) | set(now)):
         if section == "run":
@@ -173,7 +236,7 @@ class Pretrainer:
                     "--out DIR for a new run (or delete it)"
                 )
             saved = ckpt_io.load(self.ckpt_path)
-            diffs = _same_run(saved["config"], cfg.to_dict())
+            diffs = config_differences(saved["config"], cfg.to_dict())
             if diffs:
                 raise PretrainError(
                     f"Cannot resume {str(self.ckpt_path)!r}: the requested config differs in {diffs[:6]}; resume "
@@ -249,6 +312,7 @@ class Pretrainer:
         bar = _progress_bar(self.is_main, total, step)
         logf = open(self.log_path, "a") if self.is_main else None
         log_every_plain = max(1, (end - step) // 20)
+        stop = DeferredStop().install()
         try:
             epoch = step // spe
             batches = self.data.batches(epoch, step - epoch * spe)
@@ -267,7 +331,9 @@ class Pretrainer:
 
                 with autocast_context(self.precision, dev), monitor.capture(step):
                     loss, logs = model(batch, progress)
-                stats = _reduce_stats(loss, logs)  # the same on every process, so all stop together
+                # the same on every process, so all stop together (on a non-finite loss or a signal to any of them)
+                stats = _reduce_stats(loss, logs, stop=stop.requested)
+                stop_all = stats.pop(_STOP_KEY) > 0
                 if not math.isfinite(stats["loss"]):
                     have = self.ckpt_path.is_file()
                     raise PretrainError(
@@ -306,9 +372,18 @@ class Pretrainer:
                         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
                     elif (step - 1) % log_every_plain == 0 or step == end:
                         log.info("step %d/%d loss %.5f lr %.3g %.0f img/s", step, total, stats["loss"], lr, ips)
-                if step % cfg.run.checkpoint_every_steps == 0 or step == end:
+                periodic = step % cfg.run.checkpoint_every_steps == 0 or step == end
+                if periodic:
                     self.save(step)
+                # Under DDP every process must take the same decision (saving is collective): the one reduced above.
+                if stop_all if self.dinfo.world_size > 1 else stop.requested:
+                    if not periodic:
+                        self.save(step)
+                    stop.reraise(self.ckpt_path, step)
+            if stop.requested:  # signalled during the final checkpoint: the run is complete, the signal still counts
+                stop.reraise(self.ckpt_path, step)
         finally:
+            stop.uninstall()
             monitor.close()
             if logf is not None:
                 logf.close()
@@ -317,11 +392,17 @@ class Pretrainer:
         return self.ckpt_path
 
 
-def _reduce_stats(loss: torch.Tensor, logs: dict[str, Any]) -> dict[str, float]:
-    """Loss and logs averaged over processes, as floats (one all-reduce of a small vector)."""
-    names = ["loss", *logs]
+#: Key of the "a process was signalled" flag reduced with the step's statistics (not logged).
+_STOP_KEY = "_stop"
+
+
+def _reduce_stats(loss: torch.Tensor, logs: dict[str, Any], *, stop: bool = False) -> dict[str, float]:
+    """Loss and logs averaged over processes, as floats (one all-reduce of a small vector), with ``_STOP_KEY``
+    above 0 when any process asked to stop."""
+    names = ["loss", *logs, _STOP_KEY]
     vals = [loss.detach().float().reshape(())]
     vals += [torch.as_tensor(v, dtype=torch.float32, device=loss.device).detach().reshape(()) for v in logs.values()]
+    vals.append(torch.tensor(float(stop), device=loss.device))
     reduced = distributed.all_reduce_mean(torch.stack(vals)).tolist()
     return dict(zip(names, reduced))
 

@@ -156,7 +156,8 @@ def spec_from_card(card: cards.Card) -> TaskSpec:
     if suite not in ("mini", "imagenet"):
         raise CardError(f"Card {str(card.path)!r}: field 'suite' must be 'mini' or 'imagenet', but got {suite!r}")
     spec = TaskSpec(
-        name=f("name", str), kind=f("kind", str), version=version, main_score=f("main_score", str), suite=suite,
+        name=cards.name_field(card, "name"), kind=f("kind", str), version=version, main_score=f("main_score", str),
+        suite=suite,
         datasets=dict(f("datasets", dict)), protocol=dict(f("protocol", dict, {})),
         description=f("description", str, ""), paper=f("paper", str, ""), card=str(card.path),
     )

@@ -98,18 +98,11 @@ class _PreprocessedView:
 
 def features_without_resize(ctx: TaskContext, ref: Any, layer: str) -> Any:
     """Features of ``ref`` with the model's preprocessing minus its resize (ImageNet-C's 224-px images)."""
-    from ..data import dataset_key
-    from ..features import extract
-
     pre = ctx.model.spec.preprocess
     if pre.resize is None:
         return ctx.features(ref, layer)
-    opts = ctx.options
-    view = _PreprocessedView(ctx.model, dataclasses.replace(pre, resize=None))
-    return extract(view, ctx.dataset(ref), dataset_id=dataset_key(ref), layer=layer,
-                   batch_size=getattr(opts, "batch_size", 256), device=ctx.device,
-                   precision=getattr(opts, "precision", "fp32"), dtype=getattr(opts, "feature_dtype", "float32"),
-                   num_workers=getattr(opts, "num_workers", 0))
+    # Through the run's feature source, like every other feature set: once per run, --overwrite and --data-hash.
+    return ctx.features(ref, layer, model=_PreprocessedView(ctx.model, dataclasses.replace(pre, resize=None)))
 
 
 def _grey_pixels(ds: Any) -> np.ndarray:

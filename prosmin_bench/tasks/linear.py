@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .. import config
 from ..errors import CardError, FeatureError
+from ..results import inside
 from .base import Task, TaskContext, TaskOutput, register_kind
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def fit_linear_probe(ctx: TaskContext, train_ref: Any, params: LinearParams, num
         x, y = x[keep], y[keep]
     c = num_classes or int(y.max()) + 1
     key = _head_key(train.key + f"|n={len(y)}", params, ctx.seed, c)
-    path = config.heads_dir() / key[:2] / f"{key}.pt"
+    path = inside(config.heads_dir(), key[:2], f"{key}.pt", what="probe head")
     if path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
