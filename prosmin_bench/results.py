@@ -126,6 +126,9 @@ class ResultRecord:
     protocol: dict[str, Any] = field(default_factory=dict)
     run_config: dict[str, Any] = field(default_factory=dict)  # RUN_CONFIG_DEFAULTS keys: precision, feature_dtype
     datasets: dict[str, Any] = field(default_factory=dict)
+    # The identity of every dataset the task read: {"hash": "stat" | "content", "sets": {dataset key: {"ref": the
+    # card's reference, "fingerprint": ...}}}; a record is reused only while each still has its fingerprint.
+    data: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # small JSON data for plots (first seed)
     model_info: dict[str, Any] = field(default_factory=dict)  # method, arch, weights source, pretrained_on
     versions: dict[str, str] = field(default_factory=dict)
@@ -328,7 +331,7 @@ _RESULT_FIELDS: dict[str, tuple[bool, tuple[str, Any]]] = {
     "model": (True, _NAME), "task": (True, _NAME), "task_version": (True, _INT), "task_kind": (True, _STR),
     "suite": (True, _STR), "main_score": (True, _NAME), "weights_sha256": (True, _STR), "seeds": (True, _LIST),
     "per_seed": (True, _OBJECT), "mean": (True, _OBJECT), "std": (True, _OBJECT),
-    "protocol": (False, _OBJECT), "run_config": (False, _OBJECT), "datasets": (False, _OBJECT),
+    "protocol": (False, _OBJECT), "run_config": (False, _OBJECT), "datasets": (False, _OBJECT), "data": (False, _OBJECT),
     "extras": (False, _OBJECT), "model_info": (False, _OBJECT), "versions": (False, _OBJECT),
     "git_commit": (False, _OPT_STR), "device": (False, _STR), "wall_time_s": (False, _NUMBER),
     "images_per_second": (False, _OPT_NUMBER), "timestamp_utc": (False, _STR),

@@ -34,6 +34,7 @@ from .models.weights import check_weights_file
 from .results import (
     RUN_CONFIG_DEFAULTS, ErrorRecord, Record, ResultRecord, check_cache_writable, check_seeds, check_writable,
     git_commit, read_record, record_path, safe_lock_path, utc_now, versions, write_record, CorruptRecord,
+    _json_default,
 )
 from .tasks import TaskContext, TaskSpec, build_task, get_task_spec
 from .tasks.base import catalogue as task_catalogue
@@ -92,9 +93,10 @@ def suite_tasks(suite: str) -> list[str]:
 
 
 def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, network: str | None = None, *,
-                 model: str, settings: dict[str, Any]) -> ResultRecord | None:
+                 model: str, settings: dict[str, Any], source: "_FeatureSource | None" = None) -> ResultRecord | None:
     """The record at ``path`` if it already answers this (model and task, task version, weights, seeds, evaluated
-    network, run settings such as the extraction precision)."""
+    network, run settings such as the extraction precision, protocol; with ``source``, the data it was computed on
+    still has the fingerprints it had)."""
     if not path.is_file():
         return None
     try:
@@ -121,7 +123,21 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, net
         return None
     if not set(seeds) <= set(rec.seeds):
         return None
+    protocol = _plain(dict(vars(build_task(spec).params)))
+    if _plain(rec.protocol) != protocol:  # a user card edited without a version bump
+        log.info("%s was computed with protocol %s; recomputing with %s", path, rec.protocol, protocol)
+        return None
+    if source is not None:
+        changed = source.data_changed(rec.data)
+        if changed is not None:
+            log.info("%s: %s; recomputing it", path, changed)
+            return None
     return rec
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as it reads back from a record's JSON (tuples as lists, numpy scalars as numbers)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
 
 
 def record_lock_path(results_dir: str | Path, path: Path) -> Path:
@@ -157,6 +173,34 @@ class _FeatureSource:
         self._datasets: dict[Any, Any] = {}  # dataset key, or (dataset key, training split key) once aligned
         self._features: dict[tuple[str, str, Any], Any] = {}
         self.images_per_second: list[float] = []
+        # While a task runs: {dataset key: {"ref", "fingerprint"}} of every dataset it reads (ResultRecord.data).
+        self.read: dict[str, dict[str, Any]] | None = None
+
+    def data_identity(self) -> dict[str, Any]:
+        """``ResultRecord.data`` for the datasets read since ``self.read`` was reset."""
+        return {"hash": self.opts.data_hash, "sets": dict(sorted((self.read or {}).items()))}
+
+    def data_changed(self, data: Any) -> str | None:
+        """Why the datasets a record names (its ``data``) are not, now, the data it was computed on; None when each
+        still has its recorded fingerprint. Records that name none (made before data identities were recorded) or
+        were fingerprinted by another ``--data-hash`` are not vouched for."""
+        sets = data.get("sets") if isinstance(data, dict) else None
+        if not isinstance(sets, dict) or not sets:
+            return "it does not record the data it was computed on"
+        if data.get("hash") != self.opts.data_hash:
+            return f"its data was fingerprinted with --data-hash {data.get('hash')}, not {self.opts.data_hash}"
+        for key, entry in sets.items():
+            try:
+                ref, fingerprint = entry["ref"], entry["fingerprint"]
+                now = self.dataset(ref)
+                same = dataset_key(ref) == key and now.fingerprint_for(self.opts.data_hash) == fingerprint
+            except (ProsminBenchError, OSError) as exc:
+                return f"its dataset {key} cannot be read now ({one_line(exc)})"
+            except (KeyError, TypeError, ValueError, AttributeError):
+                return f"its data identity for {key} is malformed"
+            if not same:
+                return f"dataset {key} has changed since it was computed"
+        return None
 
     def dataset(self, ref: Any, labels_from: Any = None) -> Any:
         """The dataset ``ref``; with ``labels_from`` (a task's training split), labelled by class name in that
@@ -165,6 +209,8 @@ class _FeatureSource:
         key = dataset_key(ref)
         if key not in self._datasets:
             self._datasets[key] = resolve_dataset(ref, self.opts.data_root)
+        if self.read is not None and key not in self.read:
+            self.read[key] = {"ref": ref, "fingerprint": self._datasets[key].fingerprint_for(self.opts.data_hash)}
         if train is None:
             return self._datasets[key]
         aligned = (key, dataset_key(labels_from))
@@ -464,6 +510,7 @@ def _run_one(model: Any, spec: TaskSpec, opts: RunOptions, device: torch.device,
         return labels_from(ref)
 
     start = time.perf_counter()
+    source.read = {}
     for seed in opts.seeds:
         torch.manual_seed(seed)
         ctx = TaskContext(
@@ -476,14 +523,14 @@ def _run_one(model: Any, spec: TaskSpec, opts: RunOptions, device: torch.device,
         if not extras:
             extras = out.extras
     wall = time.perf_counter() - start
+    data, source.read = source.data_identity(), None
     ips = source.images_per_second
     mspec = model.spec
     return ResultRecord(
         model=mspec.name, task=spec.name, task_version=spec.version, task_kind=spec.kind, suite=spec.suite,
         main_score=spec.main_score, weights_sha256=model.weights_sha256, seeds=list(opts.seeds), per_seed=per_seed,
         protocol=dict(vars(task.params)) if hasattr(task.params, "__dict__") else {}, run_config=run_settings(opts),
-        datasets=spec.datasets,
-        extras=extras,
+        datasets=spec.datasets, data=data, extras=extras,
         model_info={"method": mspec.method, "arch": mspec.arch, "weights": mspec.weights.kind,
                     "recipe": mspec.weights.recipe, "pretrained_on": list(mspec.pretrained_on),
                     "weights_path": model.weights_path, **({"network": model.network} if model.network else {})},
@@ -570,7 +617,7 @@ def evaluate(
             with _record_lock(opts.results_dir, path):
                 done = None if opts.overwrite else _existing_ok(path, tspec, opts.seeds, model.weights_sha256,
                                                                 model.network, model=mspec.name,
-                                                                settings=run_settings(opts))
+                                                                settings=run_settings(opts), source=source)
                 if done is not None:
                     log.info("%s / %s: up to date (%s = %.4f)", mspec.name, tspec.name, done.main_score, done.main_value)
                     records.append(done)

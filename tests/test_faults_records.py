@@ -101,6 +101,49 @@ def test_committed_records_stay_reusable_by_a_default_run():
     assert _existing_ok(**ok, settings=run_settings(RunOptions(precision="bf16"))) is None
 
 
+def test_a_record_is_reused_only_while_its_data_is_unchanged(tmp_path, toy, capsys):
+    """Test images swapped for the other class's (same names, same byte size: what a stale cache key would miss):
+    the record is recomputed and the number follows the data; an unchanged folder is reused as it is."""
+    run, path = toy
+    rec = read_record(path)
+    assert rec.data["hash"] == "stat" and sorted(rec.data["sets"]) == [
+        f"root=toy/{split},source=imagefolder" for split in ("test", "train")]
+    assert rec.mean["top1_k5"] == 1.0
+    data = Path(run[run.index("--data-root") + 1]) / "toy" / "test"
+    for i in range(3):  # a <-> b: every test label is now wrong for its pixels
+        a, b = data / "a" / f"{i}.png", data / "b" / f"{i}.png"
+        pa, pb = a.read_bytes(), b.read_bytes()
+        a.write_bytes(pb), b.write_bytes(pa)
+        os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))
+        os.utime(b, ns=(b.stat().st_atime_ns, b.stat().st_mtime_ns + 10**9))
+    code, _, err = cli(capsys, *run)
+    assert code == 0, err
+    assert "has changed since it was computed; recomputing it" in err and "up to date" not in err, err
+    assert read_record(path).mean["top1_k5"] == 0.0
+    before = path.read_bytes()
+    code, _, err = cli(capsys, *run)
+    assert code == 0 and "random_micro / toy_knn: up to date" in err and path.read_bytes() == before, err
+
+
+def test_a_record_that_does_not_say_which_data_it_used_is_recomputed(toy, capsys):
+    run, path = toy
+    d = json.loads(path.read_text())
+    del d["data"]  # as records written before data identities were recorded
+    path.write_text(json.dumps(d))
+    code, _, err = cli(capsys, *run)
+    assert code == 0 and "it does not record the data it was computed on; recomputing it" in err, err
+    assert read_record(path).data["sets"]
+
+
+def test_a_protocol_edited_without_a_version_bump_is_recomputed(toy, cards_dir, capsys):
+    run, path = toy
+    card = cards_dir / "toy_knn.toml"
+    card.write_text(card.read_text().replace("ks = [5]", "ks = [5]\ntemperature = 0.5"))
+    code, _, err = cli(capsys, *run)
+    assert code == 0 and "recomputing with" in err and "up to date" not in err, err
+    assert read_record(path).protocol["temperature"] == 0.5
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 7. A record filed under another pair's name is never tabulated (nor reused).
 
