@@ -19,9 +19,8 @@ import pytest
 
 from prosmin_bench import evaluate
 from prosmin_bench.errors import ProsminBenchError
-from prosmin_bench.results import (
-    RUN_CONFIG_DEFAULTS, ResultRecord, dumps, read_record, record_path, scan,
-)
+from prosmin_bench.paths import record_path
+from prosmin_bench.results import RUN_CONFIG_DEFAULTS, ResultRecord, dumps, read_record, scan
 from prosmin_bench.runner import RunOptions, _existing_ok, run_settings
 from prosmin_bench.tasks import get_task_spec
 from test_faults import (  # noqa: F401  (fixtures)
