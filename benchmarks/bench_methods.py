@@ -38,12 +38,8 @@ from prosmin_bench.pretrain.data import PretrainData
 from prosmin_bench.pretrain.methods import MultiCropBatch, Progress
 from prosmin_bench.pretrain.recipes import get_recipe
 from prosmin_bench.pretrain.rng import SampleRNG
-from prosmin_bench.pretrain.train import (
-    autocast_context,
-    build_method,
-    clip_gradients_per_parameter,
-    resolve_precision,
-)
+from prosmin_bench.pretrain.schedules import autocast_context, clip_gradients_per_parameter, resolve_precision
+from prosmin_bench.pretrain.train import build_method
 
 METHODS = ("prosmin", "dino", "ibot", "mocov3")
 SUFFIX = {"micro": "_micro", "imagenet": "_vits16_in1k"}

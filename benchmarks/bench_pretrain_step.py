@@ -24,7 +24,7 @@ from prosmin_bench.pretrain.config import parse_overrides
 from prosmin_bench.pretrain.data import PretrainData
 from prosmin_bench.pretrain.losses import multiview_energy_score
 from prosmin_bench.pretrain.methods import Progress
-from prosmin_bench.pretrain.methods.prosmin import multicrop_features
+from prosmin_bench.models.networks import multicrop_features
 from prosmin_bench.pretrain.train import build_method
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from .models import get_model
-from .models.zoo import get_model_spec, list_model_names
-from .runner import evaluate
+from .leaderboard.board import newest_versions
+from .models.zoo import list_model_names
+from .results import ResultRecord, scan
+from .suite import evaluate, suite_models, suite_tasks
 from .tasks import TaskSpec, get_task_spec, list_task_names
 
 __all__ = ["evaluate", "get_model", "get_task", "list_models", "list_tasks", "load_results"]
@@ -21,14 +23,12 @@ def get_task(name: str) -> TaskSpec:
 
 def list_models(scale: str | None = None) -> list[str]:
     """Registered model names (optionally only ``"mini"`` or ``"imagenet"`` scale). Touches no checkpoint."""
-    names = list_model_names()
-    return [n for n in names if scale is None or get_model_spec(n).scale == scale]
+    return list_model_names() if scale is None else suite_models(scale)
 
 
 def list_tasks(suite: str | None = None) -> list[str]:
     """Registered task names (optionally only one suite). Touches no dataset."""
-    names = list_task_names()
-    return [n for n in names if suite is None or get_task_spec(n).suite == suite]
+    return list_task_names() if suite is None else suite_tasks(suite)
 
 
 def load_results(path: str | os.PathLike = "leaderboards/results") -> Any:
@@ -44,15 +44,11 @@ def load_results(path: str | os.PathLike = "leaderboards/results") -> Any:
     >>> load_results(tempfile.mkdtemp()).columns.tolist()[:4]
     ['model', 'task', 'task_version', 'task_kind']
     """
-    import pandas as pd
-
-    from .results import ResultRecord, scan
+    import pandas as pd  # here, not at the top: it takes a second to import and nothing else needs it
 
     records, _ = scan(Path(path))
     results = [r for r in records if isinstance(r, ResultRecord)]
-    newest: dict[str, int] = {}
-    for r in results:
-        newest[r.task] = max(newest.get(r.task, r.task_version), r.task_version)
+    newest = newest_versions(results)
     rows = []
     for r in results:
         for seed in r.seeds:

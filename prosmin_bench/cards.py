@@ -11,20 +11,24 @@ Card folders, in the order they are read (a name defined twice anywhere is an er
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import CARDS_ENV
 from .errors import CardError
 from .registry import NAME_RULE, is_safe_name
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _extra_dirs: list[Path] = []
 _on_change: list[Any] = []
@@ -34,6 +38,28 @@ def on_change(callback: Any) -> Any:
     """Register a function called when the set of card folders changes (catalogues drop their caches)."""
     _on_change.append(callback)
     return callback
+
+
+def lazy_catalogue(build: Callable[[], T]) -> Callable[[], T]:
+    """Decorator for a catalogue built from cards: ``build()`` runs on the first call, its result is kept, and it
+    runs again after the card folders change (``--cards DIR``). Listing models or tasks reads cards, never more;
+    one lock, so two threads asking at once build it once."""
+    lock = threading.Lock()
+    built: list[T] = []
+
+    @on_change
+    def _reset() -> None:
+        with lock:
+            built.clear()
+
+    @functools.wraps(build)
+    def get() -> T:
+        with lock:
+            if not built:
+                built.append(build())
+            return built[0]
+
+    return get
 
 
 def add_card_dir(path: str | os.PathLike) -> None:

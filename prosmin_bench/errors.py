@@ -6,6 +6,8 @@ stderr and exits non-zero (with a traceback only under ``--debug``). Messages sa
 
 from __future__ import annotations
 
+import re
+
 
 class ProsminBenchError(Exception):
     """Base class for user-facing errors: the message is the whole story."""
@@ -50,3 +52,31 @@ class CacheError(ProsminBenchError):
 
 class PretrainError(ProsminBenchError):
     """Pretraining failed in a way the user must act on (e.g. a non-finite loss)."""
+
+
+class ConfigError(ProsminBenchError):
+    """A pretraining config or override that does not fit the typed config."""
+
+
+#: The first line torch's DataLoader gives an error re-raised from a worker process (``ExceptionWrapper``).
+_WORKER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+
+
+def one_line(exc: BaseException) -> str:
+    """The one-line message of an error, for logs, error records and the CLI.
+
+    An error raised in a DataLoader worker (an unreadable image with ``--num-workers`` > 0) is re-raised by torch
+    as ``Caught DataError in DataLoader worker process 0.`` followed by the worker's traceback; the original
+    message is the traceback's last ``<type>: <message>`` line, recovered here.
+    """
+    lines = str(exc).splitlines()
+    if not lines:
+        return type(exc).__name__
+    if _WORKER_ERROR.match(lines[0]):
+        cls = type(exc)
+        heads = (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: ")
+        for line in reversed(lines):
+            for head in heads:
+                if line.startswith(head):
+                    return line[len(head):]
+    return lines[0]

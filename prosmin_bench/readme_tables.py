@@ -18,21 +18,21 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from tabulate import tabulate
-
+from .atomic import atomic_write_text
 from .errors import ProsminBenchError
+from .leaderboard import summary
+from .leaderboard.board import family_key
+from .leaderboard.format import arrow, table
+from .models.zoo import catalogue as model_catalogue
+from .tasks import catalogue as task_catalogue
 
 BEGIN = "<!-- BEGIN GENERATED: {name} -->"
 END = "<!-- END GENERATED: {name} -->"
 _MARKER = re.compile(r"<!-- (BEGIN|END) GENERATED: ([A-Za-z0-9_-]+) -->")
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    return tabulate([[_cell(c) for c in r] for r in rows], headers, tablefmt="github", disable_numparse=True)
+def _table(rows: list[list[object]], headers: list[str]) -> str:
+    return table([[str(c) for c in r] for r in rows], headers)
 
 
 def _datasets(datasets: Mapping[str, object]) -> str:
@@ -45,23 +45,16 @@ def _datasets(datasets: Mapping[str, object]) -> str:
 
 def tasks_table() -> str:
     """Markdown table of every registered task, by suite, then family, then name."""
-    from .leaderboard import family_key
-    from .metrics import higher_is_better
-    from .tasks import catalogue
-
-    specs = sorted((s for _, s in catalogue().items()), key=lambda s: (s.suite != "mini", s.suite,
-                                                                     family_key(s.kind), s.name))
-    rows = [[f"`{s.name}`", s.suite, s.kind, str(s.version),
-             f"`{s.main_score}` {'↑' if higher_is_better(s.main_score) else '↓'}", _datasets(s.datasets),
-             s.description] for s in specs]
+    specs = sorted((s for _, s in task_catalogue().items()), key=lambda s: (s.suite != "mini", s.suite,
+                                                                          family_key(s.kind), s.name))
+    rows = [[f"`{s.name}`", s.suite, s.kind, str(s.version), f"`{s.main_score}` {arrow(s.main_score)}",
+             _datasets(s.datasets), s.description] for s in specs]
     return _table(rows, ["task", "suite", "kind", "version", "main score", "datasets", "description"])
 
 
 def models_table() -> str:
     """Markdown table of every registered model (built-in micro models and ``baselines/`` cards)."""
-    from .models.zoo import catalogue
-
-    specs = sorted((s for _, s in catalogue().items()), key=lambda s: (s.scale != "mini", s.scale, s.name))
+    specs = sorted((s for _, s in model_catalogue().items()), key=lambda s: (s.scale != "mini", s.scale, s.name))
     rows = [[f"`{s.name}`", s.scale, s.method or "—", s.arch, s.weights.kind,
              ", ".join(f"`{p}`" for p in s.pretrained_on) or "—", s.description] for s in specs]
     return _table(rows, ["model", "scale", "method", "architecture", "weights", "pretrained on", "description"])
@@ -70,9 +63,8 @@ def models_table() -> str:
 def leaderboard_block(results_dir: str | os.PathLike = "leaderboards/results", suite: str = "mini",
                       page: str = "leaderboards/mini.md") -> str:
     """The measured summary of ``suite`` from ``results_dir`` and a link to the full page."""
-    from .leaderboard import summary
-
-    return summary(results_dir, suite) + f"\nEvery metric, the plots and the numbers reported in papers: [{page}]({page}).\n"
+    link = f"[{page}]({page})"
+    return summary(results_dir, suite) + f"\nEvery metric, the plots and the numbers reported in papers: {link}.\n"
 
 
 def generated_blocks(results_dir: str | os.PathLike = "leaderboards/results") -> dict[str, Callable[[], str]]:
@@ -143,9 +135,7 @@ def update_readme(path: str | os.PathLike = "README.md",
     fresh = update_text(text, generated_blocks(results_dir), str(p))
     if fresh == text:
         return False
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(fresh, encoding="utf-8")
-    os.replace(tmp, p)
+    atomic_write_text(p, fresh)
     return True
 
 

@@ -22,7 +22,8 @@ Two sources:
    card always wins and the constants fill in for models without cards (and, in the tests, check the cards).
 
 Units. Records store rates (accuracy, ECE, AUROC, AUPR, FPR, error) as fractions in [0, 1]; mCE is in percent
-(100 x mean CE, Hendrycks & Dietterich 2019); NLL in nats. Reported values are converted to the record units:
+(100 x mean CE, Hendrycks & Dietterich 2019); NLL in nats (``prosmin_bench.metrics.metric_info`` says which
+unit a metric name has). Reported values are converted to the record units:
 with ``unit = "percent"`` a rate is divided by 100, with ``unit = "fraction"`` it is kept; without a unit a rate
 above 1 is read as a percentage (papers print 77.0 for 77%, but ECE as 0.015), anything else is kept.
 """
@@ -34,35 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CardError
-
-#: Name prefixes and suffixes of rate metrics: fractions in [0, 1] in records, shown in percent on leaderboards.
-_RATE_PREFIXES = ("top1", "top5", "acc", "val_top1", "auroc", "aupr", "fpr", "ece", "error")
-_RATE_SUFFIXES = ("_top1", "_top5", "_acc", "_accuracy", "_auroc", "_aupr", "_aupr_in", "_aupr_out", "_fpr95",
-                  "_ece", "_error")
-#: Names that look like rates but are not (a rank correlation whose name ends in "_error").
-_NOT_RATES = frozenset({"spearman_uncertainty_error"})
-
-
-def is_rate(metric: str) -> bool:
-    """True for metrics recorded as fractions in [0, 1] (accuracies, ECE, AUROC, AUPR, FPR, errors).
-
-    >>> is_rate("top1_k20"), is_rate("ece"), is_rate("clean_error"), is_rate("nll"), is_rate("mce")
-    (True, True, True, False, False)
-    """
-    name = metric.lower()
-    if name in _NOT_RATES:
-        return False
-    return name.startswith(_RATE_PREFIXES) or name.endswith(_RATE_SUFFIXES)
-
-
-def is_percent(metric: str) -> bool:
-    """True for metrics recorded in percent already: mCE and relative mCE (100 x mean CE, Hendrycks & Dietterich).
-
-    >>> is_percent("mce"), is_percent("relative_mce"), is_percent("digits_c_mce"), is_percent("ce_fog")
-    (True, True, True, False)
-    """
-    name = metric.lower()
-    return name.startswith(("mce", "relative_mce")) or name.endswith("_mce")
+from .metrics import metric_info
+from .metrics.info import FRACTION
+from .models.zoo import catalogue
 
 
 def to_record_units(metric: str, value: float, unit: str | None = None) -> float:
@@ -75,7 +50,7 @@ def to_record_units(metric: str, value: float, unit: str | None = None) -> float
     """
     if unit not in (None, "percent", "fraction"):
         raise CardError(f"Expected unit 'percent' or 'fraction' for reported {metric!r}, but got {unit!r}")
-    if not is_rate(metric) or unit == "fraction":
+    if metric_info(metric).unit != FRACTION or unit == "fraction":
         return float(value)
     if unit == "percent" or value > 1.0:
         return float(value) / 100.0
@@ -203,6 +178,9 @@ def _card_entries(spec: Any) -> list[ReportedScore]:
             for metric, value in sorted(t.items()):
                 if metric in _META_KEYS:
                     continue
+                if not metric:
+                    raise CardError(f"Card {where!r}: field 'reported.{task}' has a metric with an empty name; "
+                                    "name it as the suite's records do (top1, ece, auroc, ...)")
                 m_unit = unit
                 if isinstance(value, Mapping):
                     m_unit = value.get("unit", unit)
@@ -228,8 +206,6 @@ def reported_scores(suite: str | None = None, *, specs: list[Any] | None = None)
         specs: the ModelSpecs to read (default: every registered model).
     """
     if specs is None:
-        from .models.zoo import catalogue
-
         specs = [s for _, s in catalogue().items()]
     rows: list[ReportedScore] = []
     for spec in specs:

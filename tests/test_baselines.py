@@ -390,7 +390,7 @@ def test_download_into_the_cache_when_the_network_allows(tmp_path, monkeypatch):
     spec = micro_spec(url=remote.as_uri(), sha256=digest)
     path = resolve_weights_path(spec)
     assert path == config.weights_cache_dir() / "micro.pth" and sha256_of(path) == digest
-    assert not list(config.weights_cache_dir().glob("*.part"))
+    assert not list(config.weights_cache_dir().glob("*.part")) and not list(config.weights_cache_dir().glob("*.tmp"))
     remote.unlink()  # the second resolution is a cache hit
     assert get_model(spec).weights_sha256 == digest
 

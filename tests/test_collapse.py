@@ -26,6 +26,7 @@ from prosmin_bench.models import ARCHITECTURES, MINI_PREPROCESS, ModelSpec, Weig
 from prosmin_bench.pretrain.config import ConfigError
 from prosmin_bench.pretrain.monitor import CollapseMonitor, attainable_rank, batch_collapse_stats, target_modules
 from prosmin_bench.results import ResultRecord
+from prosmin_bench.settings import EvalSettings
 from prosmin_bench.tasks import TaskContext, build_task, get_task_spec
 from prosmin_bench.tasks.collapse import dims_metric_name, embedding_collapse_metrics
 
@@ -103,14 +104,14 @@ class _Features:
         self.layers, self.asked = layers, []
 
     def __call__(self, ref, layer, **kwargs):
-        self.asked.append((ref, layer))
+        self.asked.append((str(ref), layer))  # a parsed DatasetRef, as the card wrote it
         x = self.layers[layer]
         return FeatureSet(x, np.zeros(len(x), dtype=np.int64), key=layer)
 
 
 def _ctx(source, predictive: bool, seed: int = 0) -> TaskContext:
-    model = SimpleNamespace(spec=SimpleNamespace(feature_layer="cls"), has_predictive=predictive)
-    return TaskContext(model=model, seed=seed, device=torch.device("cpu"), data_root=None, feature_fn=source,
+    model = SimpleNamespace(spec=SimpleNamespace(feature_layer="cls"), has_predictive=predictive, has_projector=False)
+    return TaskContext(model=model, seed=seed, settings=EvalSettings(), feature_fn=source,
                        dataset_fn=lambda ref: None)
 
 

@@ -77,7 +77,7 @@ def test_make_imagenet_c_layout_pixels_resume_and_workers(val_root):
             for w in WNIDS:
                 files = sorted(os.listdir(out / c / str(s) / w))
                 assert files == [f"ILSVRC2012_val_{w}_0.JPEG", f"ILSVRC2012_val_{w}_1.JPEG"]
-    assert not list(out.rglob(".tmp-*"))  # temp files renamed into place
+    assert not list(out.rglob(".tmp-*")) and not list(out.rglob("*.tmp"))  # temp files renamed into place
     # contrast has no randomness: the written file equals the reference pipeline exactly
     src = val_root / "imagenet" / "val" / WNIDS[0] / f"ILSVRC2012_val_{WNIDS[0]}_1.JPEG"
     got = np.asarray(Image.open(out / "contrast" / "3" / WNIDS[0] / src.name))

@@ -62,7 +62,7 @@ def worker(out: Path) -> None:
     local = torch.arange(r + 2, dtype=torch.float32).unsqueeze(1) + 100 * r  # ranks hold 2 and 3 rows
     gathered = distributed.all_gather_varlen(local)
     shard = distributed.shard_indices(11)
-    in_order = distributed.gather_in_order(torch.tensor(list(shard), dtype=torch.long), 11)
+    in_order = distributed.gather_rows(np.array(list(shard), dtype=np.int64), 11)
     mean = distributed.all_reduce_mean(torch.tensor([float(r)]))
     json.dump({"rank": r, "world": w, "backend": info.backend, "gathered": gathered.squeeze(1).tolist(),
                "in_order": in_order.tolist(), "mean": mean.item()}, open(out / f"helpers{r}.json", "w"))

@@ -1,5 +1,6 @@
 """Distributed feature extraction: a 2-process gloo run (launched with torchrun, as a user would) against one
-process, on datasets whose sizes do not divide by 2.
+process, on datasets whose sizes do not divide by 2; the runner's every preprocessing variant (the corruption task's
+no-resize view) is extracted sharded too.
 
 This file is also the worker: ``python -m torch.distributed.run --nproc_per_node=2
 tests/test_distributed_extraction.py OUT`` extracts on every rank and dumps what each rank got to ``OUT``.
@@ -10,10 +11,13 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,108 @@ REPO = Path(__file__).resolve().parents[1]
 N_ODD = 37  # not divisible by 2: shards of 18 and 19
 BATCH = 8  # shards do not end on batch boundaries
 BROKEN_INDEX = 30  # in rank 1's shard [18, 37)
+N_C = 5  # clean images that digits_c corrupts in the corruption run: shards of 2 and 3
+N_TRAIN_C = 100  # training images of that run's linear head (every class is among them)
+# The corruption task on a model whose preprocessing resizes (36 px, crop 32), with `resize = false`: its corrupted
+# splits go through the no-resize view of the model. AlexNet's table as the baseline keeps the run to extraction.
+CORRUPTION_CARDS = {
+    "dx_linear.toml": """
+        name = "dx_linear"
+        kind = "linear"
+        version = 1
+        suite = "mini"
+        main_score = "top1"
+        [datasets]
+        train = "digits:train"
+        test = "digits:test"
+        [protocol]
+        layer = "cls"
+        epochs = 2
+        base_lrs = [0.1]
+        batch_size = 64
+    """,
+    "dx_c.toml": """
+        name = "dx_c"
+        kind = "corruption"
+        version = 1
+        suite = "mini"
+        main_score = "mce"
+        [datasets]
+        train = "digits:train"
+        test = "digits:test"
+        [protocol]
+        corrupted = "digits_c"
+        head_task = "dx_linear"
+        baseline = "alexnet"
+        resize = false
+    """,
+}
+
+
+def _resizing_model():
+    from prosmin_bench.models import ModelSpec, Preprocess, WeightsSource
+
+    return ModelSpec(name="tiny_resize", arch="vit_micro", weights=WeightsSource(random=True, seed=0),
+                     preprocess=Preprocess(resize=36, crop=32), scale="mini", method="random")
+
+
+def _small_digits(setattr_: Callable[[object, str, object], None]) -> Callable[[], None]:
+    """digits:test and digits_c's base become the first N_C test images, digits:train its first N_TRAIN_C images;
+    ``setattr_`` patches digits_c's base (monkeypatch.setattr in a test). Returns the undo for the registry."""
+    import dataclasses
+
+    from prosmin_bench.data import DATASETS, corruptions
+    from prosmin_bench.data.base import ArrayImageDataset
+    from prosmin_bench.data.bundled import load_digits_split
+
+    def first(split: str, n: int):
+        d = load_digits_split(split)
+        return ArrayImageDataset(d.images[:n], d.labels[:n], d.class_names, f"{d.fingerprint}-first{n}")
+
+    small = {"test": first("test", N_C), "train": first("train", N_TRAIN_C)}
+    setattr_(corruptions, "digits_c_base", lambda: small["test"])
+    spec = DATASETS.get("digits")
+    DATASETS.add("digits", dataclasses.replace(spec, loader=lambda split, root=None: small[split]), replace=True)
+    return lambda: DATASETS.add("digits", spec, replace=True)
+
+
+def _generate_digits_c(home: Path) -> None:
+    """The 75 digits_c splits of the small test set, generated once into ``home``'s data cache (seeded, so every
+    process that copies them reads what it would have generated)."""
+    from prosmin_bench.data import resolve_dataset
+    from prosmin_bench.metrics import CORRUPTIONS
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PROSMIN_BENCH_HOME", str(home))
+        undo = _small_digits(mp.setattr)
+        try:
+            for c in CORRUPTIONS:
+                for s in range(1, 6):
+                    resolve_dataset(f"digits_c:{c}/{s}")
+        finally:
+            undo()
+
+
+def _count_view_rows(report: dict) -> None:
+    """Record in ``report`` each preprocessing view of a model this process makes and the rows it extracts."""
+    from prosmin_bench.models.backbone import Backbone
+
+    make = Backbone.with_preprocess
+    report["view_resize"], report["view_rows"] = [], 0
+
+    def counting(self, preprocess):
+        view = make(self, preprocess)
+        report["view_resize"].append(preprocess.resize)
+        forward = view.features
+
+        def features(images, layer="cls"):
+            report["view_rows"] += len(images)
+            return forward(images, layer)
+
+        view.features = features
+        return view
+
+    Backbone.with_preprocess = counting
 
 
 def _digits(n: int):
@@ -101,6 +207,17 @@ def worker(out: Path) -> None:
     records = evaluate("random_micro", "digits_knn", options=RunOptions(
         seeds=(0,), device="cpu", results_dir=out / "results", pretrain_missing=False, batch_size=128))
     report["records"] = [[rec.task, type(rec).__name__, getattr(rec, "per_seed", None)] for rec in records]
+    # The corruption task: its no-resize view of the model, a preprocessing variant, is extracted by every rank.
+    step("corruption")
+    from prosmin_bench import cards
+
+    _count_view_rows(report)
+    _small_digits(setattr)
+    cards.add_card_dir(out / "cards")
+    records = evaluate([_resizing_model()], ["dx_c"], options=RunOptions(
+        seeds=(0,), device="cpu", results_dir=out / "results_c", pretrain_missing=False, batch_size=BATCH))
+    report["corruption"] = [[rec.task, type(rec).__name__, getattr(rec, "per_seed", getattr(rec, "message", None))]
+                            for rec in records]
     step("report")
     json.dump(report, open(out / f"report{r}.json", "w"), default=str)
     step("destroy")
@@ -128,6 +245,10 @@ def _diagnosis(out: Path, proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist_extract")
+    (out / "cards").mkdir()
+    for name, text in CORRUPTION_CARDS.items():
+        (out / "cards" / name).write_text(textwrap.dedent(text))
+    _generate_digits_c(out / "home")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PROSMIN_BENCH_HOME": str(out / "home")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(Path(__file__)), str(out)]
@@ -211,6 +332,44 @@ def test_runner_under_torchrun_rank0_alone_runs_the_protocol_and_writes(two_rank
     (ref,) = evaluate("random_micro", "digits_knn", options=RunOptions(
         seeds=(0,), device="cpu", results_dir=tmp_path / "results", pretrain_missing=False, batch_size=128))
     assert per_seed == ref.per_seed  # the same features, hence exactly the same metrics
+
+
+def test_corruption_view_is_extracted_by_every_rank_and_equals_one_process(two_ranks, monkeypatch, tmp_path):
+    import dataclasses
+
+    from prosmin_bench import cards, config
+    from prosmin_bench.data import dataset_key, resolve_dataset
+    from prosmin_bench.features import cache_key, load_cached
+    from prosmin_bench.models import get_model
+    from prosmin_bench.results import ResultRecord
+    from prosmin_bench.runner import RunOptions, evaluate
+
+    out, reports = two_ranks
+    (task, kind, per_seed), = reports[0]["corruption"]
+    assert (task, kind) == ("dx_c", "ResultRecord"), per_seed
+    assert reports[1]["corruption"] == []  # rank 1 only extracted
+    # Each rank made the no-resize view once and ran it on its own shard of each of the 75 corrupted splits.
+    assert [r["view_resize"] for r in reports] == [[None], [None]]
+    assert sorted(r["view_rows"] for r in reports) == [75 * (N_C // 2), 75 * (N_C - N_C // 2)]
+    # One process computes the same record and the same features (content-keyed: the same cache entries).
+    shutil.copytree(out / "home" / "data", config.data_cache_dir())  # the same corrupted images, not generated again
+    undo = _small_digits(monkeypatch.setattr)
+    try:
+        cards.add_card_dir(out / "cards")
+        (rec,) = evaluate([_resizing_model()], ["dx_c"], options=RunOptions(
+            seeds=(0,), device="cpu", results_dir=tmp_path / "results", pretrain_missing=False, batch_size=BATCH))
+        assert isinstance(rec, ResultRecord)
+        assert json.dumps(rec.per_seed, sort_keys=True) == json.dumps(per_seed, sort_keys=True)  # NaN-safe, exact
+        model = get_model(_resizing_model())
+        view = model.with_preprocess(dataclasses.replace(model.spec.preprocess, resize=None))
+        for ref in ("digits_c:fog/3", "digits_c:gaussian_noise/1", "digits_c:jpeg_compression/5"):
+            key = cache_key(view, dataset_key(ref), resolve_dataset(ref).fingerprint, "cls", "fp32", "float32")
+            two, one = load_cached(key, out / "home" / "features"), load_cached(key)
+            assert two.meta["world_size"] == 2 and one.meta["world_size"] == 1, ref
+            assert torch.equal(torch.from_numpy(np.array(two.features)), torch.from_numpy(np.array(one.features)))
+            assert np.array_equal(two.labels, one.labels)
+    finally:
+        undo()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from prosmin_bench import config
 from prosmin_bench.cli import main
 from prosmin_bench.models import build_architecture
 from prosmin_bench.models.backbone import Backbone
-from prosmin_bench.results import ErrorRecord, ResultRecord, read_record, record_path, scan
+from prosmin_bench.paths import record_path
+from prosmin_bench.results import ErrorRecord, ResultRecord, read_record, scan
 
 PREFIX = "prosmin-bench: error: "
 

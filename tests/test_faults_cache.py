@@ -24,7 +24,8 @@ from prosmin_bench import config
 from prosmin_bench.data.base import ArrayImageDataset, FileImageDataset
 from prosmin_bench.data.bundled import load_digits_split
 from prosmin_bench.features import FeatureSet, load_cached, store
-from prosmin_bench.results import ErrorRecord, ResultRecord, read_record, record_path
+from prosmin_bench.paths import record_path
+from prosmin_bench.results import ErrorRecord, ResultRecord, read_record
 from test_faults import assert_run_error, cards_dir, cli, no_forward  # noqa: F401  (fixtures)
 
 N_TRAIN, N_TEST = 6, 3  # per class
@@ -303,12 +304,12 @@ def _interrupt_mid_extraction(monkeypatch) -> None:
 
 
 def _interrupt_at_commit(monkeypatch) -> None:
-    import prosmin_bench.features as features
+    import prosmin_bench.feature_cache as feature_cache
 
     def write_json(path, obj):  # the features are renamed into place and the labels written by now
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(features, "_atomic_write_json", write_json)
+    monkeypatch.setattr(feature_cache, "_write_sidecar", write_json)
 
 
 @pytest.mark.parametrize("interrupt", [_interrupt_mid_extraction, _interrupt_at_commit], ids=["mid-batch", "commit"])

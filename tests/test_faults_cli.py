@@ -18,7 +18,8 @@ import torch
 
 from prosmin_bench.cli import main
 from prosmin_bench.errors import ResultsError
-from prosmin_bench.results import ResultRecord, dumps, record_path
+from prosmin_bench.paths import record_path
+from prosmin_bench.results import ResultRecord, dumps
 from test_faults import CARDS, PREFIX, assert_one_line_error, cards_dir, cli, json_files, no_forward  # noqa: F401
 
 

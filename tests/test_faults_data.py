@@ -19,7 +19,8 @@ from PIL import Image
 
 from prosmin_bench.data import list_image_folder
 from prosmin_bench.data.base import to_rgb
-from prosmin_bench.results import ErrorRecord, ResultRecord, read_record, record_path
+from prosmin_bench.paths import record_path
+from prosmin_bench.results import ErrorRecord, ResultRecord, read_record
 from test_faults import assert_run_error, cli, no_forward  # noqa: F401  (fixtures)
 
 COLOURS = {"a": (220, 30, 30), "b": (30, 200, 40), "c": (40, 40, 230)}

@@ -27,8 +27,9 @@ import torch
 
 from prosmin_bench import config
 from prosmin_bench.errors import WeightsError
-from prosmin_bench.models.weights import recipe_checkpoint_path, sha256_file
-from prosmin_bench.results import ResultRecord, read_record, record_path
+from prosmin_bench.models.weights import sha256_file
+from prosmin_bench.paths import recipe_checkpoint_path, record_path
+from prosmin_bench.results import ResultRecord, read_record
 from test_faults import CARDS, TINY_PRETRAIN, assert_run_error, cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,10 +349,11 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import test_faults_pretrain as t
 t.register_tiny_recipe()
-import prosmin_bench.pretrain as P
+import prosmin_bench.suite as P
 from prosmin_bench import cards
 from prosmin_bench.models import get_model, get_model_spec
-from prosmin_bench.runner import RunOptions, _ensure_weights
+from prosmin_bench.runner import RunOptions
+from prosmin_bench.suite import ensure_weights
 cards.add_card_dir(sys.argv[1])
 real = P.pretrain
 def spy(*args, **kwargs):
@@ -363,7 +365,7 @@ go = Path(sys.argv[2])
 while not go.exists():  # both start together, after their imports
     time.sleep(0.005)
 spec = get_model_spec(t.TINY_RECIPE)
-_ensure_weights(spec, RunOptions(device="cpu"))
+ensure_weights(spec, RunOptions(device="cpu"))
 print("SHA", get_model(spec).weights_sha256, flush=True)
 """
 

@@ -425,3 +425,18 @@ def test_a_folder_of_only_unreadable_files_still_lists_them(tmp_path, capsys, ar
     section = out[out.index(UNREADABLE):]
     assert "- `random_micro/digits_knn.json`: not valid JSON" in section
     assert "- `random_micro/digits_o.json`: missing fields: task, task_version" in section
+
+
+def test_every_record_names_the_data_it_read_even_when_an_earlier_task_extracted_it(tmp_path, capsys):
+    """digits_collapse reads digits:test, whose features digits_knn extracted earlier in the same run: its record
+    must still name that dataset, or it could never be reused (nor its data checked)."""
+    res = tmp_path / "res"
+    code, _, err = cli(capsys, "-q", "run", "--model", "random_micro", "--task", "digits_knn", "--task",
+                       "digits_collapse", "--seeds", "0", "--results", str(res))
+    assert code == 0, err
+    for task in ("digits_knn", "digits_collapse"):
+        sets = read_record(record_path(res, "random_micro", task)).data["sets"]
+        assert any(key.startswith("digits@") and key.endswith(":test") for key in sets), (task, sets)
+    code, _, err = cli(capsys, "run", "--model", "random_micro", "--task", "digits_collapse", "--seeds", "0",
+                       "--results", str(res))
+    assert code == 0 and "random_micro / digits_collapse: up to date" in err, err

@@ -12,7 +12,14 @@ import pytest
 from scipy.stats import rankdata
 
 from prosmin_bench import cards, leaderboard
-from prosmin_bench.reported import PAPER_CONSTANTS, is_rate, reported_scores, to_record_units
+from prosmin_bench.cli import main
+from prosmin_bench.leaderboard.board import collect, mean_ranks, pretraining_overlap
+from prosmin_bench.leaderboard.format import MARK_EVAL, MARK_TRAIN, column_unit, fmt_mean_std
+from prosmin_bench.leaderboard.pages import HEADER
+from prosmin_bench.leaderboard.sections import split_metrics
+from prosmin_bench.metrics import metric_info
+from prosmin_bench.metrics.info import FRACTION
+from prosmin_bench.reported import PAPER_CONSTANTS, reported_scores, to_record_units
 from prosmin_bench.results import ErrorRecord, ResultRecord, write_record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +74,7 @@ def test_render_is_deterministic_and_independent_of_the_folder_path(results: Pat
         p.touch()
     assert leaderboard.render(moved, "mini") == first
     assert str(tmp_path) not in first
-    assert first.startswith(leaderboard.HEADER)
+    assert first.startswith(HEADER)
 
 
 def test_summary_has_one_row_per_model_with_mean_and_sample_std(results: Path) -> None:
@@ -99,8 +106,8 @@ def test_mean_rank_matches_scipy_average_ranks(tmp_path: Path) -> None:
         write_record(record(m, "t_knn", {0: {"top1": top1}}), root)
         if ece is not None:
             write_record(record(m, "t_ece", {0: {"ece": ece}}, kind="linear", main="ece"), root)
-    board = leaderboard.collect(root)
-    ranks = leaderboard.mean_ranks(board.current("mini"))
+    board = collect(root)
+    ranks = mean_ranks(board.current("mini"))
     r_top1 = dict(zip(scores, rankdata([-v[0] for v in scores.values()], method="average")))
     present = [m for m in scores if scores[m][1] is not None]
     r_ece = dict(zip(present, rankdata([scores[m][1] for m in present], method="average")))
@@ -159,19 +166,19 @@ def test_pretrained_on_evaluation_data_is_flagged() -> None:
     other = record("m", "t", {0: {"top1": 0.5}}, pretrained_on=("imagenet:train",))
     ood = record("m", "t", {0: {"auroc": 0.5}}, pretrained_on=("digits_o:test",),
                  datasets={"train": "digits:train", "id": "digits:test", "ood": "digits_o:test"})
-    assert leaderboard.pretraining_overlap(test_split) == "eval"
-    assert leaderboard.pretraining_overlap(whole) == "eval"
-    assert leaderboard.pretraining_overlap(train_split) == "train"
-    assert leaderboard.pretraining_overlap(other) == ""
-    assert leaderboard.pretraining_overlap(ood) == "eval"
+    assert pretraining_overlap(test_split) == "eval"
+    assert pretraining_overlap(whole) == "eval"
+    assert pretraining_overlap(train_split) == "train"
+    assert pretraining_overlap(other) == ""
+    assert pretraining_overlap(ood) == "eval"
 
 
 def test_flag_marks_appear_in_tables(results: Path) -> None:
     write_record(record("cheater", "digits_knn", {0: {"top1": 0.95}}, pretrained_on=("digits:test",)), results)
     text = leaderboard.render(results, "mini")
     models = [r["model"] for r in table_after(text, "### digits_knn@1")]
-    assert models[0] == f"cheater {leaderboard.MARK_EVAL}"
-    assert f"dino_micro {leaderboard.MARK_TRAIN}" in models
+    assert models[0] == f"cheater {MARK_EVAL}"
+    assert f"dino_micro {MARK_TRAIN}" in models
     assert "random_micro" in models
 
 
@@ -179,11 +186,11 @@ def test_units_rates_in_percent_and_raw_otherwise(results: Path) -> None:
     text = leaderboard.render(results, "mini")
     header = next(line for line in text.splitlines() if line.startswith("| model") and "nll" in line)
     assert "top1 (%) ↑" in header and "nll ↓" in header and "nll (%)" not in header
-    assert leaderboard.column_unit("top1", [0.5, 1.0]) == "rate"
-    assert leaderboard.column_unit("top1", [0.5, 75.0]) == "raw"  # a rate column out of [0, 1] is not scaled
-    assert leaderboard.column_unit("mce", [66.1]) == "percent"
-    assert leaderboard.fmt_mean_std(0.5, 0.0, 3, "rate") == "50.00 ± 0.00"
-    assert leaderboard.fmt_mean_std(0.5, float("nan"), 1, "rate") == "50.00"
+    assert column_unit("top1", [0.5, 1.0]) == "rate"
+    assert column_unit("top1", [0.5, 75.0]) == "raw"  # a rate column out of [0, 1] is not scaled
+    assert column_unit("mce", [66.1]) == "percent"
+    assert fmt_mean_std(0.5, 0.0, 3, "rate") == "50.00 ± 0.00"
+    assert fmt_mean_std(0.5, float("nan"), 1, "rate") == "50.00"
 
 
 def test_per_corruption_metrics_are_folded_one_row_per_metric(tmp_path: Path) -> None:
@@ -202,10 +209,10 @@ def test_per_corruption_metrics_are_folded_one_row_per_metric(tmp_path: Path) ->
 def test_wide_tasks_fold_metric_groups() -> None:
     ood = ["auroc", "aupr_in", "aupr_out", "fpr95", "id_top1"] + [f"{p}_{m}" for p in ("energy", "knn", "maxlogit")
                                                                    for m in ("auroc", "aupr_in", "aupr_out", "fpr95")]
-    kept, folded = leaderboard.split_metrics(ood)
+    kept, folded = split_metrics(ood)
     assert kept == ["auroc", "aupr_in", "aupr_out", "fpr95", "id_top1"] and len(folded) == 12
     knn = ["top1_k20"] + [f"{m}_k{k}" for m in ("ece", "nll", "top1") for k in (10, 100, 200)] + ["ece_k20", "nll_k20"]
-    assert leaderboard.split_metrics(knn) == (knn, [])  # 12 columns: kept whole
+    assert split_metrics(knn) == (knn, [])  # 12 columns: kept whole
 
 
 def test_write_suite_pages_equal_render_and_link_existing_pngs(tmp_path: Path) -> None:
@@ -289,7 +296,7 @@ def test_cards_agree_with_the_protocols_constants() -> None:
 def test_reported_scores_prefer_cards_and_convert_units() -> None:
     rows = reported_scores("imagenet")
     assert rows == sorted(rows, key=lambda r: (r.task, r.metric, r.model, r.source, r.epochs or 0, r.note, r.value))
-    assert all(0 <= r.value <= 1 for r in rows if is_rate(r.metric))
+    assert all(0 <= r.value <= 1 for r in rows if metric_info(r.metric).unit == FRACTION)
     assert to_record_units("top1", 77.0) == pytest.approx(0.77)
     assert to_record_units("ece", 0.015) == pytest.approx(0.015)
     assert to_record_units("mce", 66.1) == pytest.approx(66.1)
@@ -316,3 +323,40 @@ def test_committed_mini_leaderboard_is_reproduced_byte_for_byte() -> None:
     assert leaderboard.render(results, "mini") == page.read_text(encoding="utf-8"), (
         "leaderboards/mini.md differs from the result files: regenerate it with "
         "`prosmin-bench leaderboard --results leaderboards/results --out leaderboards`")
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``folder`` with its size and modification time (what a write into it would change)."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_cli_writes_the_committed_pages_byte_for_byte_without_touching_the_checkout(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prosmin-bench leaderboard --results leaderboards/results --out DIR` reproduces the committed mini.md and
+    imagenet.md exactly (and the same figure files), writing only into DIR."""
+    from prosmin_bench.plots import drawing
+
+    def draw(spec, records, path, colors=None):  # what is drawn is tests/test_plots.py's; here only where
+        assert {r.model for r in records} >= set(spec.models)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(spec.title.encode())
+        return Path(path)
+
+    # Drawing the 11 committed figures takes most of a minute on two busy cores.
+    monkeypatch.setattr(drawing, "draw", draw)
+    committed = REPO / "leaderboards"
+    before = _tree(committed)
+    out = tmp_path / "boards"
+    code = main(["leaderboard", "--results", str(committed / "results"), "--out", str(out)])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    for page in ("mini.md", "imagenet.md"):
+        assert (out / page).read_bytes() == (committed / page).read_bytes(), (
+            f"leaderboards/{page} differs from what the result files render: regenerate it with "
+            "`prosmin-bench leaderboard --results leaderboards/results --out leaderboards`")
+    figures = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert figures == sorted(p.relative_to(committed).as_posix() for p in (committed / "figures").rglob("*.png"))
+    assert sorted(printed.split()) == sorted(str(p) for p in [out / "imagenet.md", out / "mini.md"]
+                                             + [out / f for f in figures])
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no temporary file left behind
+    assert _tree(committed) == before

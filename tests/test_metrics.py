@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.special import logsumexp
 from sklearn.metrics import (
     average_precision_score,
     log_loss,
@@ -150,6 +149,21 @@ def test_ece_direct_loop_and_reliability_bins() -> None:
     bins = M.reliability_bins(probs, labels)
     assert bins["count"].tolist() == counts
     assert np.isnan(bins["accuracy"][np.array(counts) == 0]).all()
+
+
+
+def test_ece_from_bins_is_the_ece_of_the_data_the_bins_came_from() -> None:
+    """One binning: the ECE read back from reliability_bins equals expected_calibration_error, also for confidences
+    lying exactly on bin edges (0.4, 0.8 and 1.0 with 5 bins go to the bin that starts there, as in netcal)."""
+    rng = np.random.default_rng(6)
+    probs = _random_probs(rng, 200, 5, 2.0)
+    probs[:3] = [[0.4, 0.3, 0.3, 0.0, 0.0], [0.8, 0.2, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]
+    labels = rng.integers(0, 5, 200)
+    for n_bins in (5, 15):
+        bins = M.reliability_bins(probs, labels, n_bins)
+        assert M.ece_from_bins(bins) == pytest.approx(M.expected_calibration_error(probs, labels, n_bins), abs=1e-12)
+    counts = M.reliability_bins(probs[:3], labels[:3], 5)["count"].tolist()
+    assert counts == [0, 0, 1, 0, 2]
 
 
 # --------------------------------------------------------------------------------------------------------- OOD
@@ -433,6 +447,11 @@ ARGUMENT_ERRORS = [
     (M.dims_for_variance, (np.eye(3),), {"fraction": 1.5},
      r"Expected `fraction` to be a number in \(0, 1\], but got 1.5"),
     (M.higher_is_better, ("",), {}, "Expected `metric_name` to be a non-empty string"),
+    (M.metric_info, (None,), {}, "Expected `metric_name` to be a non-empty string, but got None"),
+    (M.ece_from_bins, ({"confidence": [0.5], "accuracy": [0.5], "count": [0]},), {},
+     "Expected `bins\\['count'\\]` to be non-negative counts with a positive sum"),
+    (M.ece_from_bins, ({"confidence": [0.5], "accuracy": [0.5, 1.0], "count": [1, 2]},), {},
+     r"Expected `bins` to hold one accuracy and one confidence per count \(2\), but got 2 and 1"),
 ]
 
 
@@ -485,6 +504,58 @@ def test_higher_is_better_table() -> None:
              "relative_ce_fog"]
     assert all(M.higher_is_better(n) for n in higher)
     assert not any(M.higher_is_better(n) for n in lower)
+
+
+@pytest.mark.parametrize("name,higher,unit,group,score", [
+    ("top1_k20", True, "fraction", "", True),
+    ("nll_k20", False, "nats", "", True),
+    ("ece_ts", False, "fraction", "", True),
+    ("val_top1", True, "fraction", "", True),
+    ("clean_error", False, "fraction", "", True),
+    ("error_gaussian_noise_s3", False, "fraction", "", True),
+    ("ce_fog", False, "raw", "", True),
+    ("relative_ce_jpeg_compression", False, "raw", "", True),
+    ("relative_mce", False, "percent", "", True),
+    ("digits_c_mce", False, "percent", "", True),
+    ("energy_fpr95", False, "fraction", "", True),
+    ("knn_aupr_out", True, "fraction", "", True),
+    ("sigma_auroc", True, "fraction", "predictive", True),
+    ("dispersion_fpr95", False, "fraction", "predictive", True),
+    ("sigma_misclf_auroc", True, "fraction", "predictive", True),
+    ("sigma_err_spearman", True, "raw", "predictive", True),
+    ("sigma_mean", True, "raw", "predictive", False),
+    ("mu_dims_99", True, "raw", "predictive", True),
+    ("proj_per_dim_std_x_sqrt_d", True, "raw", "projector", True),
+    ("spearman_uncertainty_error", True, "raw", "", True),
+    ("misclassification_auroc", True, "fraction", "", True),
+    ("lr", True, "raw", "", False),
+    ("n_labelled", True, "raw", "", False),
+    ("some_new_score", True, "raw", "", True),
+])
+def test_metric_info_table(name: str, higher: bool, unit: str, group: str, score: bool) -> None:
+    info = M.metric_info(name)
+    assert (info.higher_is_better, info.unit, info.group, info.score) == (higher, unit, group, score)
+    assert M.higher_is_better(name) is higher
+
+
+def test_metric_names_parse_into_qualifier_base_and_variant() -> None:
+    parts = {n: M.parse_metric_name(n) for n in ("energy_auroc", "error_fog_s3", "mu_dims_99.9", "Top1_K20", "x_y")}
+    assert [(p.qualifier, p.base, p.variant, p.corruption) for p in parts.values()] == [
+        ("energy", "auroc", "", ""), ("", "error", "fog_s3", "fog"), ("mu", "dims", "99.9", ""),
+        ("", "top1", "k20", ""), ("", "", "", "")]
+    texts = {n: M.metric_info(n).description for n in ("sigma_auroc", "sigma_mean", "proj_dims_99", "top1")}
+    assert texts["sigma_auroc"].startswith("`sigma_*`: ") and texts["sigma_mean"].startswith("`sigma_mean`: ")
+    assert texts["proj_dims_99"].startswith("`proj_*`: ") and texts["top1"] == ""
+
+
+def test_every_metric_a_task_records_is_declared() -> None:
+    """No recorded name falls back to the defaults: each resolves to a metric declared beside its function (or a
+    protocol value), so its direction, unit and group are facts, not guesses."""
+    from prosmin_bench.tasks import build_task, catalogue
+
+    names = {n for _, spec in catalogue().items() for n in [spec.main_score, *build_task(spec).metric_names()]}
+    assert {"top1_k20", "mce", "sigma_auroc", "proj_dims_99", "error_fog_s5"} <= names
+    assert [n for n in sorted(names) if not M.parse_metric_name(n).base] == []
 
 
 def test_metrics_import_nothing_from_the_rest_of_the_package() -> None:

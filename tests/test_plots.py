@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from netcal.metrics import ECE
 
 from prosmin_bench import plots
-from prosmin_bench.metrics import CORRUPTIONS, reliability_bins
+from prosmin_bench.metrics import CORRUPTIONS, ece_from_bins, expected_calibration_error, reliability_bins
 from prosmin_bench.results import ResultRecord
 
 
@@ -42,7 +43,7 @@ def loop_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> tuple[list[
 
 def test_reliability_ece_matches_netcal() -> None:
     probs, labels = probs_labels()
-    ours = plots.reliability_ece(reliability_extras(probs, labels))
+    ours = ece_from_bins(reliability_extras(probs, labels))
     assert ours == pytest.approx(ECE(bins=15).measure(probs, labels), abs=1e-9)
 
 
@@ -65,6 +66,29 @@ def test_reliability_bars_are_the_per_bin_accuracies() -> None:
     assert f"ECE = {100 * ece:.2f}% (seed 0)" in ax.get_title()
     assert ax.get_ylabel() == "accuracy" and "confidence" in hist.get_xlabel()
     assert fig.get_suptitle() == "digits_x@3: reliability diagrams"
+
+
+def test_reliability_title_shows_the_records_ece() -> None:
+    """The title's ECE is the record's own (the number in the task's table), never re-derived from the bins."""
+    probs, labels = probs_labels(3)
+    records = [rec("m1", {"reliability": reliability_extras(probs, labels)}, mean={"top1": 0.5, "ece": 0.01234})]
+    (spec,) = plots.plan(records)
+    title = plots.figure(spec, records).axes[0].get_title()
+    assert "ECE = 1.23% (seed 0)" in title, title
+
+
+def test_the_bins_a_task_records_are_the_bins_of_its_ece() -> None:
+    """Tasks record metrics.reliability_bins: confidences on a bin edge (0.4, 0.8 with 5 bins) fall in the bin that
+    starts there, as in the ECE, so the diagram drawn from the record shows the record's ECE."""
+    from prosmin_bench.tasks.probes import reliability_extras as task_extras
+
+    probs = np.array([[0.4, 0.3, 0.3], [0.4, 0.6, 0.0], [0.8, 0.1, 0.1], [0.2, 0.2, 0.6], [1.0, 0.0, 0.0]])
+    labels = np.array([0, 1, 1, 2, 0])
+    extras = task_extras(probs, labels, 5)
+    assert extras["count"] == [0, 0, 3, 0, 2]
+    # plain Python lists, as records store them (0.6 lies above the float edge 3/5 = 0.6000000000000001)
+    assert json.dumps(extras) and {type(x) for v in extras.values() for x in v} == {int, float}
+    assert ece_from_bins(extras) == pytest.approx(expected_calibration_error(probs, labels, 5), abs=1e-12)
 
 
 def test_knn_lines_follow_k_in_numeric_order() -> None:

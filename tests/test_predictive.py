@@ -243,7 +243,7 @@ def test_registry_exposes_predictive_and_projector_only_for_pretraining_checkpoi
     from prosmin_bench.models import get_model
     from prosmin_bench.models.converters import strip_prefix
     from prosmin_bench.pretrain.checkpoint import load
-    from prosmin_bench.pretrain.config import PretrainConfig
+    from prosmin_bench.pretrain.methods import config_from_dict
 
     model = get_model("prosmin_micro", weights=prosmin_ckpt)
     assert model.has_predictive and model.has_projector
@@ -254,7 +254,7 @@ def test_registry_exposes_predictive_and_projector_only_for_pretraining_checkpoi
     assert mu.shape == sigma.shape == z.shape == (24, 256) and bool((sigma > 0).all())
     # the projection recomputed from the checkpoint's target state: a fresh head on the (target) backbone
     ckpt = load(prosmin_ckpt)
-    head = _reference_head("prosmin", model.embed_dim, PretrainConfig.from_dict(ckpt["config"]).method_config)
+    head = _reference_head("prosmin", model.embed_dim, config_from_dict(ckpt["config"]).method_config)
     head.load_state_dict(strip_prefix(ckpt["target"], "head."), strict=True)
     head.eval()  # the registry evaluates in eval mode (BN heads use their running statistics)
     with torch.no_grad():
@@ -274,7 +274,7 @@ def test_heads_that_do_not_match_the_checkpoints_config_are_named(prosmin_ckpt):
     refused with the missing, unexpected and mis-shaped keys in the one-line message."""
     from prosmin_bench.errors import WeightsError
     from prosmin_bench.pretrain.checkpoint import load
-    from prosmin_bench.pretrain.export import build_eval_modules
+    from prosmin_bench.models.networks import build_eval_modules
 
     ckpt = load(prosmin_ckpt)
     online = dict(ckpt["online"])
@@ -293,8 +293,7 @@ def test_heads_that_do_not_match_the_checkpoints_config_are_named(prosmin_ckpt):
 
 def _reference_head(method: str, embed_dim: int, cfg) -> nn.Module:
     """A fresh projection head of ``method``, built from its config alone (not through the method class)."""
-    from prosmin_bench.pretrain.heads import DINOHead
-    from prosmin_bench.pretrain.methods.mocov3 import build_mlp
+    from prosmin_bench.models.heads import DINOHead, build_mlp
 
     if method == "mocov3":
         return build_mlp(3, embed_dim, cfg.mlp_dim, cfg.dim)
@@ -308,7 +307,7 @@ def test_deterministic_pretraining_checkpoints_have_a_projector_but_no_predictiv
     from prosmin_bench.models.converters import strip_prefix
     from prosmin_bench.pretrain import pretrain
     from prosmin_bench.pretrain.checkpoint import load
-    from prosmin_bench.pretrain.config import PretrainConfig
+    from prosmin_bench.pretrain.methods import config_from_dict
     from prosmin_bench.pretrain.recipes import RECIPES
 
     if recipe not in RECIPES:
@@ -320,14 +319,14 @@ def test_deterministic_pretraining_checkpoints_have_a_projector_but_no_predictiv
     with pytest.raises(ProsminBenchError, match="has no predictive head"):
         model.predictive(images)
     ckpt = load(path)
-    head = _reference_head(ckpt["method"], model.embed_dim, PretrainConfig.from_dict(ckpt["config"]).method_config)
+    head = _reference_head(ckpt["method"], model.embed_dim, config_from_dict(ckpt["config"]).method_config)
     # the projector is the evaluated network's own head on the evaluated backbone (MoCo-v3: the base encoder's)
     network = "online" if recipe == "mocov3_micro" else "target"
     head.load_state_dict(strip_prefix(ckpt[network], "head."), strict=True)
     head.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.projector(images), head(model.net(images)), rtol=1e-5, atol=1e-6)
-        other = _reference_head(ckpt["method"], model.embed_dim, PretrainConfig.from_dict(ckpt["config"]).method_config)
+        other = _reference_head(ckpt["method"], model.embed_dim, config_from_dict(ckpt["config"]).method_config)
         other.load_state_dict(strip_prefix(ckpt["target" if network == "online" else "online"], "head."), strict=True)
         assert not torch.allclose(model.projector(images), other.eval()(model.net(images)))
 

@@ -19,11 +19,13 @@ from prosmin_bench.errors import PretrainError, ProsminBenchError
 from prosmin_bench.pretrain import pretrain, resolve_config
 from prosmin_bench.pretrain.augment import TensorMultiCrop
 from prosmin_bench.pretrain.config import ConfigError, MultiCropConfig, PretrainConfig, apply_overrides
-from prosmin_bench.pretrain.methods import METHODS, MultiCropBatch, Progress
-from prosmin_bench.pretrain.methods.prosmin import ProSMin, ProSMinOnline
+from prosmin_bench.models.networks import ProSMinOnline
+from prosmin_bench.pretrain.methods import METHODS, MultiCropBatch, Progress, config_from_dict
+from prosmin_bench.pretrain.methods.prosmin import ProSMin
 from prosmin_bench.pretrain.recipes import RECIPES, get_recipe
 from prosmin_bench.pretrain.rng import SampleRNG
-from prosmin_bench.pretrain.train import build_method, clip_gradients_per_parameter, make_schedules
+from prosmin_bench.pretrain.schedules import clip_gradients_per_parameter, make_schedules
+from prosmin_bench.pretrain.train import build_method
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +86,7 @@ def test_config_round_trips_through_a_plain_dict():
     cfg = tiny_cfg()
     d = cfg.to_dict()
     json.dumps(d)  # plain
-    assert PretrainConfig.from_dict(d) == cfg
+    assert config_from_dict(d) == cfg
 
 
 # ------------------------------------------------------------------------------------------- augmentation
@@ -211,7 +213,7 @@ def test_per_parameter_gradient_clipping_matches_dino():
 # ---------------------------------------------------------------------------------------- loop + checkpoint
 def test_pretrain_writes_a_loadable_checkpoint_and_log(tmp_path):
     from prosmin_bench import get_model
-    from prosmin_bench.pretrain.export import build_predictive
+    from prosmin_bench.models.networks import build_predictive
 
     # the real vit_micro (what the registry builds for prosmin_micro), narrow heads, 3 steps
     ov = {k: v for k, v in TINY.items() if not k.startswith("arch_kwargs")}
@@ -242,7 +244,7 @@ def test_pretrain_writes_a_loadable_checkpoint_and_log(tmp_path):
 
     # the predictive module is the ONLINE network
     pred = build_predictive(ckpt)
-    cfg = PretrainConfig.from_dict(ckpt["config"])
+    cfg = config_from_dict(ckpt["config"])
     online = ProSMinOnline(build_architecture("vit_micro", **cfg.arch_kwargs), cfg.method_config)
     online.load_state_dict(ckpt["online"])
     online.eval()

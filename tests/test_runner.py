@@ -12,7 +12,8 @@ import torch
 import prosmin_bench
 from prosmin_bench import cards, features
 from prosmin_bench.cli import main
-from prosmin_bench.results import ErrorRecord, ResultRecord, read_record, record_path
+from prosmin_bench.paths import record_path
+from prosmin_bench.results import ErrorRecord, ResultRecord, read_record
 
 FAST_LINEAR = """
     name = "digits_linear_fast"
@@ -153,13 +154,14 @@ def test_a_checkpoint_from_a_changed_recipe_is_used_with_a_warning(caplog):
     import logging
 
     from prosmin_bench.models import get_model_spec
-    from prosmin_bench.models.weights import recipe_checkpoint_path
+    from prosmin_bench.paths import recipe_checkpoint_path
     from prosmin_bench.pretrain import resolve_config
-    from prosmin_bench.runner import RunOptions, _ensure_weights, recipe_differences
+    from prosmin_bench.runner import RunOptions
+    from prosmin_bench.suite import ensure_weights, recipe_differences
 
     path = recipe_checkpoint_path("prosmin_micro")
     path.parent.mkdir(parents=True)
-    # a finished run as far as _ensure_weights reads it (format, step of steps); its weights are not needed here
+    # a finished run as far as ensure_weights reads it (format, step of steps); its weights are not needed here
     torch.save({"format": "prosmin-bench/pretrain", "format_version": 1, "recipe": "prosmin_micro", "step": 5,
                 "total_steps": 5, "config": resolve_config("prosmin_micro").to_dict()}, path)
     kept = path.read_bytes()
@@ -174,8 +176,8 @@ def test_a_checkpoint_from_a_changed_recipe_is_used_with_a_warning(caplog):
     expected = [f"method_config.momentum_start: 0.9 -> {resolve_config('prosmin_micro').method_config.momentum_start!r}",
                 f"optim.epochs: 50 -> {resolve_config('prosmin_micro').optim.epochs!r}"]
     assert recipe_differences("prosmin_micro", path) == expected
-    with caplog.at_level(logging.WARNING, logger="prosmin_bench.runner"):
-        _ensure_weights(get_model_spec("prosmin_micro"), RunOptions())
+    with caplog.at_level(logging.WARNING, logger="prosmin_bench.suite"):
+        ensure_weights(get_model_spec("prosmin_micro"), RunOptions())
     assert path.read_bytes() == kept  # kept, not retrained
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "differs from recipe prosmin_micro as it is now" in warning and expected[0] in warning and expected[1] in warning

@@ -63,7 +63,7 @@ def test_lowshot_matches_sklearn_on_the_same_subset_and_lambda(tmp_path, shared_
     from sklearn.metrics import accuracy_score, log_loss
     from sklearn.model_selection import train_test_split
 
-    from prosmin_bench.tasks.linear import _stratified_holdout
+    from prosmin_bench.tasks.probes import stratified_holdout
 
     monkeypatch.setenv("PROSMIN_BENCH_HOME", str(shared_home))
     d = tmp_path / "cards"
@@ -98,7 +98,7 @@ def test_lowshot_matches_sklearn_on_the_same_subset_and_lambda(tmp_path, shared_
     idx, _ = train_test_split(np.arange(len(y_tr)), train_size=144, stratify=y_tr, random_state=seed)
     idx = np.sort(idx)
     x, y = x_tr[idx], y_tr[idx]
-    fit, val = _stratified_holdout(y, 0.2, seed)
+    fit, val = stratified_holdout(y, 0.2, seed)
     grid = [("0.01", 0.01, 0.01), ("1", 1.0, 1.0), ("0.1/N", 0.1 / len(fit), 0.1 / len(y))]
     scores = []
     for label, lam_fit, lam_all in grid:

@@ -16,22 +16,24 @@ from typing import Any
 from ..errors import DataError
 from . import bundled, imagenet  # noqa: F401  (register datasets)
 from . import corruptions, imagenet_c, imagenet_o, subsets, transfer  # noqa: F401  (register datasets)
-from .base import DATASETS, ArrayImageDataset, DatasetSpec, FileImageDataset, ImageDataset, load_dataset_ref, parse_ref
+from .base import DATASETS, ArrayImageDataset, DatasetRef, DatasetSpec, FileImageDataset, ImageDataset, parse_ref
 from .folder import list_image_folder
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "ImageDataset", "ArrayImageDataset", "FileImageDataset", "resolve_dataset",
-    "dataset_key", "list_image_folder",
+    "DATASETS", "DatasetRef", "DatasetSpec", "ImageDataset", "ArrayImageDataset", "FileImageDataset",
+    "resolve_dataset", "dataset_key", "list_image_folder", "parse_ref",
 ]
 
 
-def resolve_dataset(ref: str | Mapping[str, Any], data_root: Path | None = None) -> ImageDataset:
-    """Load a dataset named by a card: ``"name:split"`` or a generic-source table."""
-    if isinstance(ref, str):
-        return load_dataset_ref(ref, data_root)
-    source = ref.get("source")
+def resolve_dataset(ref: DatasetRef | str | Mapping[str, Any], data_root: Path | None = None) -> ImageDataset:
+    """Load a dataset named by a card: ``"name:split"``, a generic-source table, or their DatasetRef."""
+    ref = DatasetRef.parse(ref)
+    if ref.registered:
+        return DATASETS.get(ref.name).load(ref.split, data_root)
+    table = dict(ref.table)
+    source = table.get("source")
     if source == "imagefolder":
-        root = Path(str(ref.get("root", "")))
+        root = Path(str(table.get("root", "")))
         if not root.is_absolute():
             if data_root is None:
                 raise DataError(f"Image folder {str(root)!r} is relative: pass --data-root DIR that holds it")
@@ -40,14 +42,11 @@ def resolve_dataset(ref: str | Mapping[str, Any], data_root: Path | None = None)
     if source == "hf":
         from .hf import load_hf
 
-        return load_hf(str(ref["path"]), str(ref.get("split", "train")), str(ref.get("image_column", "image")),
-                       str(ref.get("label_column", "label")), data_root)
-    raise DataError(f"Expected a dataset source 'imagefolder' or 'hf', but got {source!r} in {dict(ref)}")
+        return load_hf(str(table["path"]), str(table.get("split", "train")), str(table.get("image_column", "image")),
+                       str(table.get("label_column", "label")), data_root)
+    raise DataError(f"Expected a dataset source 'imagefolder' or 'hf', but got {source!r} in {table}")
 
 
-def dataset_key(ref: str | Mapping[str, Any]) -> str:
-    """A short human-readable identity for logs and cache metadata."""
-    if isinstance(ref, str):
-        name, split = parse_ref(ref)
-        return f"{name}@{DATASETS.get(name).version}:{split}"
-    return ",".join(f"{k}={v}" for k, v in sorted(ref.items()))
+def dataset_key(ref: DatasetRef | str | Mapping[str, Any]) -> str:
+    """A short human-readable identity for logs and cache metadata (:attr:`DatasetRef.key`)."""
+    return DatasetRef.parse(ref).key

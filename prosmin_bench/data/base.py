@@ -1,16 +1,18 @@
 """DatasetSpec and the image datasets every source returns.
 
-A dataset reference is ``"<name>:<split>"`` (e.g. ``digits:train``, ``imagenet:val``). Each named dataset is a
+A dataset reference is ``"<name>:<split>"`` (e.g. ``digits:train``, ``imagenet:val``) or a generic source table,
+parsed once into a ``DatasetRef`` (resolved by ``prosmin_bench.data.resolve_dataset``). Each named dataset is a
 ``DatasetSpec`` registered in ``DATASETS``: metadata (version, where it comes from, the expected layout) plus a
 loader ``load(split, data_root) -> ImageDataset``. Listing datasets never reads data.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +61,6 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def with_transform(self, transform: Callable[[Image.Image], Any] | None) -> "ImageDataset":
         """A shallow copy whose items pass through ``transform``."""
-        import copy
-
         new = copy.copy(self)
         new.transform = transform
         return new
@@ -238,15 +238,63 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return name, split
 
 
-def load_dataset_ref(ref: str, data_root: Path | None = None) -> ImageDataset:
-    """Load ``"name:split"`` through the dataset registry."""
-    name, split = parse_ref(ref)
-    return DATASETS.get(name).load(split, data_root)
+#: Types a generic source table's fields may hold (TOML scalars): the table is compared and hashed by value.
+_TABLE_VALUES = (str, int, float, bool)
 
 
-def dataset_version(ref: str) -> str:
-    name, _ = parse_ref(ref)
-    return DATASETS.get(name).version
+@dataclass(frozen=True, eq=False)
+class DatasetRef:
+    """A task card's dataset reference, parsed once: a registered dataset's ``name`` and ``split``
+    (``"digits:train"``), or the fields of a generic source table (``{ source = "imagefolder", root = ... }``), kept
+    in the card's order (messages show them as written) and compared regardless of it (as the card's table was)."""
+
+    name: str = ""
+    split: str = ""
+    table: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, ref: "DatasetRef | str | Mapping[str, Any]") -> "DatasetRef":
+        """``"name:split"`` or a source table, as a card writes it (a DatasetRef is returned as it is)."""
+        if isinstance(ref, DatasetRef):
+            return ref
+        if isinstance(ref, str):
+            return cls(*parse_ref(ref))
+        if isinstance(ref, Mapping):
+            bad = [k for k, v in ref.items() if not isinstance(v, _TABLE_VALUES)]
+            if bad:
+                raise DataError(f"Expected text or numbers in a dataset source table, but field(s) {bad} of "
+                                f"{dict(ref)} hold something else")
+            return cls(table=tuple((str(k), v) for k, v in ref.items()))
+        raise TypeError(f"Expected a dataset reference 'name:split' or a source table, but got {ref!r}")
+
+    @property
+    def registered(self) -> bool:
+        """Whether this names a registered dataset (else it is a generic source table)."""
+        return not self.table
+
+    @property
+    def raw(self) -> str | dict[str, Any]:
+        """The reference as the card wrote it: what records store, and what :meth:`parse` reads back."""
+        return f"{self.name}:{self.split}" if self.registered else dict(self.table)
+
+    @property
+    def key(self) -> str:
+        """A short readable identity for logs and feature cache keys: ``digits@1:train``, or the table's sorted
+        ``field=value`` pairs."""
+        if self.registered:
+            return f"{self.name}@{DATASETS.get(self.name).version}:{self.split}"
+        return ",".join(f"{k}={v}" for k, v in sorted(self.table))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DatasetRef):
+            return NotImplemented
+        return (self.name, self.split, frozenset(self.table)) == (other.name, other.split, frozenset(other.table))
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.split, frozenset(self.table)))
+
+    def __str__(self) -> str:
+        return self.raw if self.registered else self.key
 
 
 def require_root(name: str, data_root: Path | None, sub: str, layout: str, source: str) -> Path:

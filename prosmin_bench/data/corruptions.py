@@ -17,8 +17,6 @@ first call), i.e. about 40 s for the whole set, once.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -26,9 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import config
+from ..atomic import atomic_path
 from ..errors import DataError
 from ..metrics import CORRUPTIONS
 from .base import ArrayImageDataset, DatasetSpec, ImageDataset, register_dataset
+from .bundled import load_digits_split
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def image_seed(*parts: int | str) -> int:
 
 def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
     """One image uint8 [H, W, 3] (H, W >= 32) under ``corruption`` at ``severity``, deterministic in ``seed``."""
-    from imagecorruptions import corrupt
+    from imagecorruptions import corrupt  # here: its import takes 0.7 s, and only corrupting an image needs it
 
     check_corruption(corruption, severity)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -104,21 +104,13 @@ def corrupt_array(images: np.ndarray, corruption: str, severity: int, seed: int)
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # A file object: np.save would append ".npy" to the temporary name, which ends in .tmp.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def digits_c_base() -> ArrayImageDataset:
     """The clean images digits_c corrupts: the digits test split (tests may substitute a smaller set)."""
-    from .bundled import load_digits_split
-
     return load_digits_split("test")  # type: ignore[return-value]
 
 

@@ -16,16 +16,24 @@ name and renamed) and parallel (``workers`` processes).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_path
 from ..errors import DataError
 from ..metrics import CORRUPTIONS
-from .base import DatasetSpec, ImageDataset, register_dataset, require_root
-from .corruptions import SEVERITIES, check_corruption, corruption_splits, image_seed, parse_corruption_split
+from .base import DatasetSpec, ImageDataset, register_dataset, require_root, to_rgb
+from .corruptions import (
+    SEVERITIES, check_corruption, corrupt_image, corruption_splits, image_seed, parse_corruption_split,
+)
 from .folder import imagenet_wnids, list_image_folder
 from .imagenet import IMAGENET_LAYOUT, IMAGENET_SOURCE
 
@@ -111,45 +119,26 @@ def _jobs(opts: ImageNetCBuild, out_root: Path) -> tuple[list[tuple[str, str, li
 
 def _process_image(args: tuple[str, str, list[tuple[str, int, str]], int, int, int, int]) -> int:
     """Worker: load one val image, Resize + CenterCrop, write each missing (corruption, severity) file."""
-    import numpy as np
-    from PIL import Image
-
-    from .base import to_rgb
-    from .corruptions import CORRUPTIONS as _ORDER
-    from .corruptions import corrupt_image
-
     path, rel, todo, resize, crop, quality, seed = args
     with Image.open(path) as im:
         img = to_rgb(im)
     img = _resize_center_crop(img, resize, crop)
     arr = np.asarray(img, dtype=np.uint8)
     for corruption, severity, dst in todo:
-        out = corrupt_image(arr, corruption, severity, image_seed(seed, _ORDER.index(corruption), severity, rel))
-        d = os.path.dirname(dst)
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".JPEG")
-        os.close(fd)
-        try:
+        out = corrupt_image(arr, corruption, severity, image_seed(seed, CORRUPTIONS.index(corruption), severity, rel))
+        with atomic_path(dst) as tmp:  # a killed run never leaves a half-written image under the final name
             Image.fromarray(out).save(tmp, format="JPEG", quality=quality, optimize=True)
-            os.replace(tmp, dst)  # atomic: a killed run never leaves a half-written image under the final name
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     return len(todo)
 
 
 def _resize_center_crop(img, resize: int, crop: int):
     """torchvision's Resize(resize) (shorter side, bilinear) + CenterCrop(crop) on a PIL image."""
-    from torchvision import transforms as T
-
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(crop)])(img)
 
 
 def build_imagenet_c(opts: ImageNetCBuild) -> BuildReport:
     """Write ``<data_root>/imagenet-c/<c>/<s>/<wnid>/<name>.JPEG`` for every val image, corruption and severity
     that is not there yet. Returns counts of written and skipped files."""
-    from tqdm.auto import tqdm
-
     _check_build(opts)
     out_root = Path(opts.data_root) / "imagenet-c"
     jobs, skipped, n_src = _jobs(opts, out_root)
@@ -169,10 +158,8 @@ def build_imagenet_c(opts: ImageNetCBuild) -> BuildReport:
                 if not progress and written // step != (written - n) // step:
                     log.info("ImageNet-C: %d / %d files written", written, total)
         else:
-            import multiprocessing as mp
-
             # spawn: workers start clean (no inherited torch threads or CUDA state)
-            with mp.get_context("spawn").Pool(opts.workers) as pool:
+            with multiprocessing.get_context("spawn").Pool(opts.workers) as pool:
                 for n in pool.imap_unordered(_process_image, args, chunksize=4):
                     written += n
                     bar.update(n)

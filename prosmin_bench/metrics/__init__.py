@@ -3,14 +3,16 @@
 Imports nothing from the rest of ``prosmin_bench``, so ``from prosmin_bench.metrics import
 expected_calibration_error`` works in any project. Every function accepts numpy arrays or torch tensors
 (probabilities [N, C], integer labels [N]), returns Python floats (or numpy arrays for per-sample scores), and
-raises :class:`MetricArgumentError` (a ``ValueError``) for unusable arguments.
+raises :class:`MetricArgumentError` (a ``ValueError``) for unusable arguments. :func:`metric_info` says which way
+is better for a recorded metric name, its unit and its table group (one table, declared beside the functions).
 """
 
 from prosmin_bench.metrics._checks import MetricArgumentError
-from prosmin_bench.metrics.calibration import expected_calibration_error, reliability_bins
+from prosmin_bench.metrics.calibration import ece_from_bins, expected_calibration_error, reliability_bins
 from prosmin_bench.metrics.classification import accuracy, negative_log_likelihood
 from prosmin_bench.metrics.collapse import dims_for_variance, effective_rank, per_dim_std, spectrum
-from prosmin_bench.metrics.directions import higher_is_better
+from prosmin_bench.metrics.info import MetricInfo
+from prosmin_bench.metrics.names import higher_is_better, metric_info, parse_metric_name
 from prosmin_bench.metrics.ood import (
     energy_confidence,
     knn_distance_confidence,
@@ -36,9 +38,11 @@ __all__ = [
     "CORRUPTIONS",
     "CORRUPTION_GROUPS",
     "MetricArgumentError",
+    "MetricInfo",
     "accuracy",
     "corruption_errors",
     "dims_for_variance",
+    "ece_from_bins",
     "effective_rank",
     "energy_confidence",
     "expected_calibration_error",
@@ -46,10 +50,12 @@ __all__ = [
     "knn_distance_confidence",
     "max_logit_confidence",
     "mean_corruption_error",
+    "metric_info",
     "misclassification_auroc",
     "msp_confidence",
     "negative_log_likelihood",
     "ood_metrics",
+    "parse_metric_name",
     "per_dim_std",
     "relative_corruption_errors",
     "relative_mean_corruption_error",

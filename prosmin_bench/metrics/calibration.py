@@ -17,14 +17,18 @@ and ``torch.bucketize(right=True)``), not the ``(lo, hi]`` bins written in Guo e
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from prosmin_bench.metrics._checks import positive_int, probs_and_labels
+from prosmin_bench.metrics._checks import MetricArgumentError, positive_int, probs_and_labels
+from prosmin_bench.metrics.info import FRACTION, MetricInfo
 
 #: 15 equal-width bins, as in Guo et al. (2017) and the ProSMin paper's ECE (PROTOCOLS.md).
 DEFAULT_N_BINS = 15
+
+METRIC_INFO: dict[str, MetricInfo] = {"ece": MetricInfo(higher_is_better=False, unit=FRACTION)}
 
 
 def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
@@ -89,3 +93,29 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = DEFAULT_N_BINS) -> d
         "accuracy": accuracy,
         "confidence": confidence,
     }
+
+
+def ece_from_bins(bins: Mapping[str, Sequence[float]]) -> float:
+    """The ECE of :func:`reliability_bins`' output (or a record's ``reliability`` extras made from it):
+    sum_b (n_b / N) |acc_b - conf_b| (Guo et al. 2017, Eq. 3); empty bins add nothing.
+
+    Equal to :func:`expected_calibration_error` on the data the bins came from (up to rounding), because the bins
+    are the same.
+
+    >>> ece_from_bins({"confidence": [0.6, 0.9], "accuracy": [0.5, 1.0], "count": [1, 3]})  # (0.1 + 3 * 0.1) / 4
+    0.1
+    """
+    count = np.asarray(bins["count"], dtype=np.float64)
+    if count.ndim != 1 or count.size == 0 or not np.all(np.isfinite(count)) or np.any(count < 0) or count.sum() <= 0:
+        raise MetricArgumentError(f"Expected `bins['count']` to be non-negative counts with a positive sum, but got "
+                                  f"{bins['count']!r}")
+    accuracy = np.asarray(bins["accuracy"], dtype=np.float64)
+    confidence = np.asarray(bins["confidence"], dtype=np.float64)
+    if accuracy.shape != count.shape or confidence.shape != count.shape:
+        raise MetricArgumentError(f"Expected `bins` to hold one accuracy and one confidence per count "
+                                  f"({count.size}), but got {accuracy.size} and {confidence.size}")
+    used = count > 0
+    gap = np.abs(accuracy[used] - confidence[used])
+    # Rounded at 1e-12: the float noise of the per-bin means (acc_b = correct_b / n_b) is not a digit to show.
+    return round(float(np.sum(count[used] * gap) / count.sum()), 12)
+

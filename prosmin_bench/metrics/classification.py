@@ -11,9 +11,20 @@ from typing import Any
 import numpy as np
 
 from prosmin_bench.metrics._checks import positive_int, probs_and_labels
+from prosmin_bench.metrics.info import FRACTION, NATS, MetricInfo
 
 #: Probabilities are clamped here before the log so one zero does not make the NLL infinite (DESIGN.md).
 NLL_CLAMP = 1e-12
+
+#: Record names of these metrics (``error`` is 1 - top-1 accuracy, as the corruption tasks record it).
+METRIC_INFO: dict[str, MetricInfo] = {
+    "top1": MetricInfo(higher_is_better=True, unit=FRACTION),
+    "top5": MetricInfo(higher_is_better=True, unit=FRACTION),
+    "acc": MetricInfo(higher_is_better=True, unit=FRACTION),
+    "accuracy": MetricInfo(higher_is_better=True, unit=FRACTION),
+    "error": MetricInfo(higher_is_better=False, unit=FRACTION),
+    "nll": MetricInfo(higher_is_better=False, unit=NATS),
+}
 
 
 def _topk_hits(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

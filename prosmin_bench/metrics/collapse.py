@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from prosmin_bench.metrics._checks import MetricArgumentError, as_float_array, real_in_range
+from prosmin_bench.metrics.info import MetricInfo
 
 #: RankMe's epsilon added to the normalised singular values before the entropy (Garrido et al., ICML 2023,
 #: Eq. 1: p_k = sigma_k / ||sigma||_1 + eps, with eps = 1e-7). It keeps log() finite for zero singular values
@@ -18,6 +19,16 @@ from prosmin_bench.metrics._checks import MetricArgumentError, as_float_array, r
 RANKME_EPS = 1e-7
 #: Row-norm floor for L2 normalisation in :func:`per_dim_std` (torch.nn.functional.normalize's default).
 NORM_EPS = 1e-12
+
+#: Record names: more spread is better for all of them. ``dims`` is recorded as ``dims_<percent of variance>``
+#: (``dims_99``): more components needed for that variance = a less collapsed embedding.
+METRIC_INFO: dict[str, MetricInfo] = {
+    "effective_rank": MetricInfo(higher_is_better=True),
+    "effective_rank_frac": MetricInfo(higher_is_better=True),
+    "dims": MetricInfo(higher_is_better=True),
+    "per_dim_std": MetricInfo(higher_is_better=True),
+    "per_dim_std_x_sqrt_d": MetricInfo(higher_is_better=True),
+}
 
 
 def _features(features: Any) -> np.ndarray:

@@ -14,6 +14,15 @@ from scipy.special import logsumexp
 
 from prosmin_bench.metrics import _ranking
 from prosmin_bench.metrics._checks import MetricArgumentError, as_float_array, positive_int, real_in_range
+from prosmin_bench.metrics.info import FRACTION, MetricInfo
+
+#: The keys of :func:`ood_metrics`; a task prefixes them with the score it used (``energy_auroc``).
+METRIC_INFO: dict[str, MetricInfo] = {
+    "auroc": MetricInfo(higher_is_better=True, unit=FRACTION),
+    "aupr_in": MetricInfo(higher_is_better=True, unit=FRACTION),
+    "aupr_out": MetricInfo(higher_is_better=True, unit=FRACTION),
+    "fpr95": MetricInfo(higher_is_better=False, unit=FRACTION),
+}
 
 #: Query rows compared at once against the whole training set when ``chunk_size`` is None: bounds the
 #: [chunk, N_train] similarity block to 2**24 float64 values (128 MiB).

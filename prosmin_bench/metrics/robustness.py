@@ -13,6 +13,7 @@ from typing import Any, Union
 import numpy as np
 
 from prosmin_bench.metrics._checks import MetricArgumentError, as_float_array, real_in_range
+from prosmin_bench.metrics.info import PERCENT, MetricInfo
 
 #: The 15 ImageNet-C corruptions in the canonical order of Hendrycks & Dietterich (2019), Table/Figure order.
 CORRUPTIONS: tuple[str, ...] = (
@@ -58,6 +59,14 @@ ALEXNET_ERRORS: dict[str, tuple[float, float, float, float, float]] = {
 #: AlexNet clean ImageNet top-1 error used for relative mCE. A third-party constant (the value in Hendrycks &
 #: Dietterich's ImageNet-C evaluation code, 2019), not measured by this suite (PROTOCOLS.md).
 ALEXNET_CLEAN_ERROR = 0.4345
+
+#: Record names: mCE in percent; a corruption's CE is a ratio of errors (``ce_fog``), shown as recorded.
+METRIC_INFO: dict[str, MetricInfo] = {
+    "mce": MetricInfo(higher_is_better=False, unit=PERCENT),
+    "relative_mce": MetricInfo(higher_is_better=False, unit=PERCENT),
+    "ce": MetricInfo(higher_is_better=False),
+    "relative_ce": MetricInfo(higher_is_better=False),
+}
 
 #: A per-corruption table of 5 per-severity errors, e.g. ``{"fog": (0.2, 0.3, 0.4, 0.5, 0.6), ...}``.
 ErrorTable = Mapping[str, Sequence[float]]

@@ -12,6 +12,13 @@ from scipy.stats import spearmanr
 
 from prosmin_bench.metrics import _ranking
 from prosmin_bench.metrics._checks import MetricArgumentError, as_float_array, to_numpy
+from prosmin_bench.metrics.info import FRACTION, MetricInfo
+
+METRIC_INFO: dict[str, MetricInfo] = {
+    "misclassification_auroc": MetricInfo(higher_is_better=True, unit=FRACTION),
+    # a correlation, not an error: higher means the uncertainty tracks the error better
+    "spearman_uncertainty_error": MetricInfo(higher_is_better=True),
+}
 
 
 def _same_length(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:

@@ -1,4 +1,6 @@
-"""Models: specs (metadata), architectures, checkpoint converters, weights resolution, the Backbone face."""
+"""Models: specs (metadata), architectures, checkpoint converters, weights resolution, the Backbone face, and the
+heads and networks of the suite's own pretraining checkpoints (``heads.py``, ``networks.py``, ``checkpoints.py``),
+which ``pretrain/`` trains and this package rebuilds for evaluation; nothing here imports the training code."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ import os
 
 import torch
 
-from ..errors import CardError, ProsminBenchError
+from ..devices import resolve_device
+from ..errors import CardError
 from .architectures import ARCHITECTURES, build_architecture, set_sincos_position_embedding
 from .backbone import Backbone
 from .converters import pretrain_eval_network
+from .networks import build_eval_modules
 from .spec import MINI_PREPROCESS, ModelSpec, Preprocess, WeightsSource
 from .weights import load_weights, resolve_weights_path, sha256_state_dict
 from .zoo import catalogue, get_model_spec, list_model_names
@@ -19,41 +23,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ARCHITECTURES", "Backbone", "ModelSpec", "Preprocess", "WeightsSource", "MINI_PREPROCESS", "build_architecture",
-    "catalogue", "get_model", "get_model_spec", "list_model_names", "resolve_device",
+    "catalogue", "get_model", "get_model_spec", "list_model_names",
 ]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else MPS, else CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` are checked
-    against this machine (a ProsminBenchError saying what exists instead of a failure deep inside the run)."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise ProsminBenchError(f"Expected --device auto, cpu, cuda, cuda:N or mps, but got {device!r}")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ProsminBenchError(f"--device {device} was asked for, but CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise ProsminBenchError(
-                f"--device {device} was asked for, but this machine has {count} CUDA device{'s' * (count > 1)} "
-                f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); use one of those or --device cpu"
-            )
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                  and torch.backends.mps.is_available()):
-        raise ProsminBenchError(f"--device {device} was asked for, but MPS (Apple GPU) is not available here; "
-                                "use --device cpu")
-    return dev
 
 
 def get_model(
@@ -90,8 +61,6 @@ def get_model(
         net = build_architecture(spec.arch, **spec.arch_kwargs)
         digest, fmt, ckpt = load_weights(net, spec, path, verify_sha=weights is None)
         if fmt == "prosmin_bench":  # the pretraining module's checkpoints also carry the heads (issues 7, 10)
-            from ..pretrain.export import build_eval_modules
-
             heads = build_eval_modules(ckpt)
             predictive, projector = heads.predictive, heads.projector
             network = pretrain_eval_network(ckpt)

@@ -19,7 +19,7 @@ ARCHITECTURES: Registry[Callable[..., nn.Module]] = Registry("architecture", "pr
 
 
 def _timm_vit(name: str, **kwargs: Any) -> nn.Module:
-    import timm
+    import timm  # here and below, not at the top: a second to import, and listing models never builds one
 
     kwargs.setdefault("num_classes", 0)  # backbone only: features, no classifier
     return timm.create_model(name, pretrained=False, **kwargs)

@@ -4,18 +4,21 @@
 another layer; ``embed_dim``; ``transform`` (eval preprocessing for PIL images); ``spec``; ``weights_sha256``.
 Checkpoints written by the pretraining module add ``projector(images) -> [N, K]`` and, for a probabilistic method
 (ProSMin), ``predictive(images) -> (mu [N, K], sigma [N, K])``; ``has_projector`` / ``has_predictive`` say
-whether a model has them. Tasks never look inside a model.
+whether a model has them. ``with_preprocess(preprocess)`` is the same backbone seen through other eval
+preprocessing; ``trainable_copy()`` a copy of its network to fine-tune. Tasks never look inside a model.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 
 import torch
 import torch.nn as nn
 
 from ..errors import ProsminBenchError
-from .spec import ModelSpec
+from .spec import ModelSpec, Preprocess
 
 _LASTN = re.compile(r"^cls_last(\d+)$")
 
@@ -84,6 +87,21 @@ class Backbone(nn.Module):
     def has_projector(self) -> bool:
         """Whether ``projector`` works: a checkpoint written by the pretraining module."""
         return self.projector_head is not None
+
+    def with_preprocess(self, preprocess: Preprocess) -> "Backbone":
+        """This backbone (its modules shared, not copied) seen through another eval ``preprocess``. Its spec
+        carries that preprocessing, which feature cache keys include, so its features never mix with this one's."""
+        return Backbone(dataclasses.replace(self.spec, preprocess=preprocess), self.net, self.weights_sha256,
+                        predictive=self.predictive_head, weights_path=self.weights_path,
+                        projector=self.projector_head, network=self.network)
+
+    def trainable_copy(self) -> "Backbone":
+        """A deep copy of the network alone (no predictive or projection head), every parameter trainable, in train
+        mode, with this backbone's face (``features``, ``layer_dim``, ``transform``); this backbone is untouched."""
+        twin = Backbone(self.spec, copy.deepcopy(self.net), self.weights_sha256, weights_path=self.weights_path,
+                        network=self.network)
+        twin.requires_grad_(True)
+        return twin.train()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, 3, H, W] -> features [N, D] in the spec's feature layer."""

@@ -22,7 +22,7 @@ Formats (PROTOCOLS.md "Official baseline checkpoints"; key names checked against
   ``module.base_encoder.*``, ``module.momentum_encoder.*`` and ``module.predictor.*`` (``main_moco.py``,
   DDP-wrapped ``moco.builder.MoCo_ViT``); ``module.base_encoder.*`` is kept minus its ``head.*`` (the 3-layer
   BN projector), as in MoCo-v3's ``main_lincls.py``.
-- ``prosmin_bench``: this suite's pretraining checkpoint (``pretrain/checkpoint.py``); the target network's
+- ``prosmin_bench``: this suite's pretraining checkpoint (``models/checkpoints.py``); the target network's
   ``backbone.*`` (the online network's for methods without a target).
 
 Prefixes are removed with ``startswith`` and slicing, never ``str.replace`` (which would also rewrite a
@@ -38,13 +38,11 @@ import torch
 
 from ..errors import WeightsError
 from ..registry import Registry
+from .checkpoints import FORMAT as PRETRAIN_FORMAT
 
 StateDict = dict[str, torch.Tensor]
 
 CONVERTERS: Registry[Callable[[Mapping[str, Any]], StateDict]] = Registry("checkpoint format")
-
-#: Marker written by the pretraining module into every checkpoint it saves.
-PRETRAIN_FORMAT = "prosmin-bench/pretrain"
 
 #: Method family whose official checkpoints use each format (``None``: any family can produce it).
 FORMAT_FAMILY: dict[str, str | None] = {

@@ -31,7 +31,7 @@ class Preprocess:
 
     def build(self):
         """Return a torchvision transform: PIL image -> float tensor [3, crop, crop]."""
-        from torchvision import transforms as T
+        from torchvision import transforms as T  # here, not at the top: slow to import; only evaluation needs it
 
         interp = T.InterpolationMode(self.interpolation)
         ops: list[Any] = []

@@ -13,17 +13,22 @@ import logging
 import os
 import pickle
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 
 from .. import config
+from ..atomic import atomic_path
 from ..errors import WeightsError
-from ..results import inside
-from .converters import PRETRAIN_FORMAT, StateDict, checkpoint_family, convert
+from ..paths import inside, recipe_checkpoint_path
+from .checkpoints import interrupted_at
+from .converters import StateDict, checkpoint_family, convert
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -48,12 +53,6 @@ def sha256_state_dict(state: Mapping[str, torch.Tensor]) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def recipe_checkpoint_path(recipe: str) -> Path:
-    """Where ``prosmin-bench pretrain --recipe NAME`` writes its final checkpoint (ResultsError for a recipe name
-    that would lead outside the checkpoints folder)."""
-    return inside(config.checkpoints_dir(), recipe, "checkpoint.pt", what="checkpoint")
 
 
 def check_weights_file(weights: str | os.PathLike) -> Path:
@@ -90,49 +89,20 @@ def remake_advice(recipe: str, path: str | os.PathLike, *, automatic: bool) -> s
     return f"delete it and make it again with `prosmin-bench pretrain --recipe {recipe} --out {path.parent}`"
 
 
-def interrupted_at(ckpt: Any) -> tuple[int, int] | None:
-    """``(step, end)`` of a pretraining checkpoint whose run stopped before the end it was set for (Ctrl-C,
-    SIGTERM, a crash: a checkpoint written part-way); ``None`` for a run that reached its end or another format.
-
-    The end is the schedules' last step, or ``run.max_steps`` when the run was asked to stop early: a deliberately
-    short run is complete, an interrupted one is not a model to evaluate.
-    """
-    if not isinstance(ckpt, Mapping) or ckpt.get("format") != PRETRAIN_FORMAT:
-        return None
-    step, total = int(ckpt.get("step", 0)), int(ckpt.get("total_steps", 0))
-    max_steps = ((ckpt.get("config") or {}).get("run") or {}).get("max_steps")
-    end = total if max_steps is None else min(total, int(max_steps))
-    return (step, end) if step < end else None
-
-
-def interrupted_message(ckpt: Mapping[str, Any], path: str | os.PathLike) -> str:
-    """The one-line refusal for an interrupted pretraining checkpoint, with the command that finishes it."""
+def interrupted_message(ckpt: Mapping[str, Any], path: str | os.PathLike, *, other_settings: bool = False) -> str:
+    """The one-line refusal for an interrupted pretraining checkpoint, with the command that finishes it;
+    ``other_settings``: it was started with other settings than its recipe's (said by the caller that knows the
+    recipes, ``suite.py``), so the resume needs the ones it was started with."""
     step, end = interrupted_at(ckpt) or (int(ckpt.get("step", 0)), int(ckpt.get("total_steps", 0)))
     recipe, path = str(ckpt.get("recipe")), Path(path)
     command = f"prosmin-bench pretrain --recipe {recipe} --resume"
     if not _is_default_recipe_path(recipe, path):
         command += f" --out {path.parent}"
-    same = ""
-    if _started_with_other_settings(recipe, ckpt):
-        same = " with the --epochs and --set values it was started with"
+    same = " with the --epochs and --set values it was started with" if other_settings else ""
     return (
         f"Checkpoint {str(path)!r} is an interrupted pretraining (step {step} of {end}, recipe {recipe}), not a "
         f"finished model; finish it with `{command}`{same}, then run again"
     )
-
-
-def _started_with_other_settings(recipe: str, ckpt: Mapping[str, Any]) -> bool:
-    """Whether the checkpoint's config differs from the recipe's outside ``run.*`` (which a resume may change)."""
-    from ..errors import ProsminBenchError
-
-    from ..pretrain import resolve_config
-    from ..pretrain.train import config_differences
-
-    try:
-        now = resolve_config(recipe).to_dict()
-    except ProsminBenchError:  # a recipe this installation does not know: nothing to compare with
-        return False
-    return bool(config_differences(dict(ckpt.get("config") or {}), now))
 
 
 #: Set to 1 to forbid downloads (``HF_HUB_OFFLINE=1``, which the suite's offline runs already set, counts too).
@@ -208,8 +178,6 @@ def resolve_weights_path(
 
 
 def _url_filename(url: str) -> str:
-    from urllib.parse import urlparse
-
     return Path(urlparse(url).path).name
 
 
@@ -223,13 +191,10 @@ def _offline_reason() -> str | None:
 def download_weights(url: str, dest: str | os.PathLike, *, sha256: str | None = None) -> str:
     """Download ``url`` to ``dest`` via ``torch.hub.download_url_to_file`` (progress bar on a terminal).
 
-    The file is written to ``dest.part`` and renamed only once complete and, when ``sha256`` is given, verified,
-    so the cache never holds a partial or wrong file. Returns the file's sha256. The server is probed first with
+    The file is written under a temporary name beside ``dest`` and renamed only once complete and, when ``sha256``
+    is given, verified, so the cache never holds a partial or wrong file. Returns the file's sha256. The server is probed first with
     a short timeout, so an unreachable network fails fast.
     """
-    import urllib.error
-    import urllib.request
-
     dest = Path(dest)
     try:  # probe: a HEAD request answered with any HTTP status means the network is there
         req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "prosmin-bench"})
@@ -237,10 +202,8 @@ def download_weights(url: str, dest: str | os.PathLike, *, sha256: str | None = 
             pass
     except urllib.error.HTTPError:
         pass  # some servers refuse HEAD; the download below reports real HTTP errors
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     log.info("downloading %s -> %s", url, dest)
-    try:
+    with atomic_path(dest) as tmp:
         torch.hub.download_url_to_file(url, str(tmp), progress=True)
         digest = sha256_file(tmp)
         if sha256 and digest != sha256:
@@ -248,9 +211,6 @@ def download_weights(url: str, dest: str | os.PathLike, *, sha256: str | None = 
                 f"Downloaded {url} has sha256 {digest}, but the card pins {sha256}: the server holds a different "
                 "or damaged file; it was not kept. Check the card's URL and sha256"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("saved %s (sha256 %s)", dest, digest)
     return digest
 

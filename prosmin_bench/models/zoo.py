@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from pathlib import PurePosixPath
-from typing import Any
 from urllib.parse import urlparse
 
 from .. import cards
@@ -18,6 +16,7 @@ from ..errors import CardError, ProsminBenchError, UnknownNameError
 from ..registry import NAME_RULE, TIMM_FOLDER_PREFIX, TIMM_PREFIX, Registry, is_safe_name
 from .architectures import ARCHITECTURES
 from .backbone import parse_layer
+from .converters import CONVERTERS
 from .spec import MINI_PREPROCESS, ModelSpec, Preprocess, WeightsSource
 
 log = logging.getLogger(__name__)
@@ -131,8 +130,6 @@ def spec_from_card(card: cards.Card) -> ModelSpec:
     scale = f("scale", str, "imagenet")
     if scale not in ("mini", "imagenet"):
         raise CardError(f"Card {str(card.path)!r}: field 'scale' must be 'mini' or 'imagenet', but got {scale!r}")
-    from .converters import CONVERTERS
-
     converter = f("converter", str, src.format or "auto")
     if converter != "auto" and converter not in CONVERTERS:
         raise CardError(
@@ -147,35 +144,22 @@ def spec_from_card(card: cards.Card) -> ModelSpec:
     )
 
 
-_lock = threading.Lock()
-_catalogue: Registry[ModelSpec] | None = None
-
-
-@cards.on_change
-def _reset() -> None:
-    global _catalogue
-    _catalogue = None
-
-
+@cards.lazy_catalogue
 def catalogue() -> Registry[ModelSpec]:
     """Every named model: built-ins, shipped cards and user cards (user cards may not shadow other names)."""
-    global _catalogue
-    with _lock:
-        if _catalogue is None:
-            reg: Registry[ModelSpec] = Registry("model", "prosmin-bench list models")
-            for name, spec in BUILTIN_MODELS.items():
-                reg.add(name, spec, origin="built-in")
-            for card in cards.iter_cards("baselines"):
-                spec = spec_from_card(card)
-                reg.add(spec.name, spec, origin=str(card.path))
-            _catalogue = reg
-        return _catalogue
+    reg: Registry[ModelSpec] = Registry("model", "prosmin-bench list models")
+    for name, spec in BUILTIN_MODELS.items():
+        reg.add(name, spec, origin="built-in")
+    for card in cards.iter_cards("baselines"):
+        spec = spec_from_card(card)
+        reg.add(spec.name, spec, origin=str(card.path))
+    return reg
 
 
 def _timm_exists(arch: str) -> bool:
     """Whether timm knows ``arch`` (``<name>``, or ``<name>.<tag>``, which timm lists among pretrained names only);
     a pattern like ``vit_*`` is not a model."""
-    import timm
+    import timm  # here, not at the top: a second or more to import, and needed only for timm:<name> models
 
     return is_safe_name(arch) and bool(timm.list_models(arch) or timm.list_models(arch, pretrained=True))
 
@@ -194,6 +178,3 @@ def get_model_spec(name: str) -> ModelSpec:
 def list_model_names() -> list[str]:
     return catalogue().names()
 
-
-def describe(spec: ModelSpec) -> dict[str, Any]:
-    return {"name": spec.name, "arch": spec.arch, "weights": spec.weights.kind, "method": spec.method, "scale": spec.scale}

@@ -11,14 +11,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import PretrainConfig, apply_overrides, validate
+from ..devices import resolve_device
+from ..errors import ConfigError, PretrainError
+from ..paths import folder_write_problem, recipe_checkpoint_path
+from . import recipes_baselines  # noqa: F401  (registers the baselines' recipes, derived from prosmin_micro's)
+from .config import PretrainConfig, apply_overrides
+from .config_checks import validate
 from .recipes import RECIPES, Recipe, get_recipe
+from .train import run_pretraining
 
 
 def resolve_config(recipe: str, *, epochs: int | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
     """The recipe's config with ``--epochs`` and ``--set key=value`` overrides applied."""
-    from .config import ConfigError
-
     cfg = get_recipe(recipe).config
     if epochs is not None:
         if int(epochs) < 1:
@@ -37,7 +41,8 @@ def pretrain(recipe: str, *, epochs: int | None = None, out_dir: str | os.PathLi
         out_dir: folder for ``checkpoint.pt`` and ``log.jsonl``; default
             ``<PROSMIN_BENCH_HOME>/checkpoints/<recipe>/``.
         resume: continue the checkpoint in ``out_dir`` exactly where it stopped (same config required).
-        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        device: ``"auto"`` (CUDA if available, else MPS, else CPU; under torchrun each process's own GPU),
+            ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         overrides: dotted config keys, e.g. ``{"optim.lr": 1e-3, "method.lam": 0.3, "run.max_steps": 10}``.
 
     Under ``torchrun`` every process calls this; they join one process group (gloo on CPU, NCCL on GPU) and only
@@ -46,12 +51,6 @@ def pretrain(recipe: str, *, epochs: int | None = None, out_dir: str | os.PathLi
     first was destroyed (two of twelve such jobs hung in the second ``init_process_group`` or the barrier after
     it). The group is left when the process exits, or by :func:`prosmin_bench.distributed.destroy`.
     """
-    from ..errors import PretrainError
-    from ..models import resolve_device
-    from ..models.weights import recipe_checkpoint_path
-    from ..results import folder_write_problem
-    from .train import run_pretraining
-
     cfg = resolve_config(recipe, epochs=epochs, overrides=overrides)
     folder = Path(out_dir) if out_dir is not None else recipe_checkpoint_path(cfg.recipe).parent
     # What the command line names is checked before any work (building the networks, reading the data).

@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from ..cli import positive_epochs
+from .. import distributed
+from ..cli_args import positive_epochs
 from ..errors import ProsminBenchError
 from . import pretrain
 from .config import ConfigError, parse_overrides
@@ -37,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code
     finally:
-        from .. import distributed
-
         distributed.destroy()
     logging.getLogger(__name__).info("final checkpoint: %s", path)
     return 0

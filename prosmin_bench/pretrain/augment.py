@@ -18,6 +18,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from PIL import ImageFilter, ImageOps
+from torchvision import transforms as T
 
 from .config import ConfigError, MultiCropConfig
 from .rng import SampleRNG
@@ -34,8 +36,6 @@ class _RandomGaussianBlur:
         self.p, self.sigma = p, sigma
 
     def __call__(self, img):
-        from PIL import ImageFilter
-
         if float(torch.rand(())) >= self.p:
             return img
         lo, hi = self.sigma
@@ -49,8 +49,6 @@ class _RandomSolarize:
         self.p = p
 
     def __call__(self, img):
-        from PIL import ImageOps
-
         return ImageOps.solarize(img) if float(torch.rand(())) < self.p else img
 
 
@@ -58,8 +56,6 @@ class PILMultiCrop:
     """DINO's ``DataAugmentationDINO``: PIL image -> list of ``global_crops + local_crops`` tensors [3, S, S]."""
 
     def __init__(self, crops: MultiCropConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        from torchvision import transforms as T
-
         bicubic = T.InterpolationMode.BICUBIC
         flip_jitter = T.Compose([
             T.RandomHorizontalFlip(p=crops.flip_p),

@@ -1,6 +1,7 @@
 """Pretraining checkpoints: one dict, saved atomically, loadable with ``torch.load(weights_only=True)``.
 
-Keys (``models/converters.py`` reads ``format``, ``target``): ``format`` = ``"prosmin-bench/pretrain"``,
+Keys (evaluation reads them through ``models/checkpoints.py``, ``models/converters.py`` and
+``models/networks.py``, which own the format marker): ``format`` = ``"prosmin-bench/pretrain"``,
 ``format_version``, ``recipe``, ``method``, ``arch``, ``arch_kwargs``, ``config`` (the full typed config as a
 plain dict), ``step`` (optimiser steps done), ``total_steps``, ``steps_per_epoch``, ``epoch``, ``finished``,
 ``target`` (EMA network state dict: ``backbone.*``, ``head.*``), ``online`` (``backbone.*``, ``head.*``,
@@ -13,16 +14,14 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_path
 from ..errors import WeightsError
-
-FORMAT = "prosmin-bench/pretrain"  # models/converters.py PRETRAIN_FORMAT
-FORMAT_VERSION = 1
+from ..models.checkpoints import FORMAT, FORMAT_VERSION, check_format
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,21 +51,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it: a crash mid-write never
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``: a crash mid-write never
     leaves a truncated checkpoint, and the previous one stays until the new one is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
@@ -85,10 +74,6 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def check_format(ckpt: Any, source: str = "checkpoint") -> None:
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise WeightsError(f"{source} is not a prosmin-bench pretraining checkpoint (no format={FORMAT!r})")
-    if ckpt.get("format_version") != FORMAT_VERSION:
-        raise WeightsError(
-            f"{source} has format_version {ckpt.get('format_version')!r}; this version reads {FORMAT_VERSION}"
-        )
+# The format marker is the models' (they read these checkpoints); the training loop writes it from here.
+__all__ = ["FORMAT", "FORMAT_VERSION", "check_format", "load", "rng_state", "save_atomic", "seed_rngs",
+           "set_rng_state"]

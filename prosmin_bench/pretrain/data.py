@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import config as suite_config
 from .. import distributed
+from ..data.bundled import load_digits_split
+from ..data.folder import imagenet_wnids, list_image_folder
 from ..errors import DataError
 from .augment import PILMultiCrop, TensorMultiCrop, build_augmentation
 from .config import ConfigError, PretrainConfig
@@ -71,8 +74,6 @@ class PretrainData:
     def _load(self) -> torch.utils.data.Dataset:
         d = self.cfg.data
         if d.dataset == "digits":
-            from ..data.bundled import load_digits_split
-
             ds = load_digits_split("train")  # pretraining never sees the test split
             if isinstance(self.augment, TensorMultiCrop):
                 arr = np.ascontiguousarray(ds.images.transpose(0, 3, 1, 2))
@@ -80,9 +81,6 @@ class PretrainData:
                 return ds
             return _Indexed(ds.with_transform(self.augment))
         if d.dataset == "imagenet":
-            from .. import config as suite_config
-            from ..data.folder import imagenet_wnids, list_image_folder
-
             root = suite_config.data_root(d.data_root)
             if root is None:
                 raise DataError(

@@ -137,7 +137,3 @@ register_recipe(Recipe(
         run=RunConfig(checkpoint_every_steps=100),
     ),
 ))
-
-
-# The baselines' recipes (DINO, iBOT, MoCo-v3) derive from prosmin_micro's config: register them last.
-from . import recipes_baselines  # noqa: E402,F401

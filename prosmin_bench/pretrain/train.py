@@ -14,155 +14,32 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from tqdm import tqdm
 
 from .. import distributed
+from ..atomic import atomic_write_text
+from ..devices import resolve_device
 from ..errors import PretrainError
 from . import checkpoint as ckpt_io
-from .config import ConfigError, PretrainConfig
+from .config import PretrainConfig
 from .data import PretrainData
+from .interrupt import DeferredStop
 from .methods import METHODS, PretrainMethod, Progress, build_backbone_factory
 from .monitor import CollapseMonitor, target_modules
+from .schedules import Schedules, autocast_context, clip_gradients_per_parameter, make_schedules, resolve_precision
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = "log.jsonl"
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-# ------------------------------------------------------------------------------------------------- schedules
-@dataclass(frozen=True)
-class Schedules:
-    """Per-step values (DINO ``utils.cosine_scheduler``), as functions of the 0-based step."""
-
-    base_lr: float  # peak lr after linear scaling, lr * batch / 256
-    min_lr: float
-    warmup_steps: int
-    wd_start: float
-    wd_end: float
-    total_steps: int
-
-    def lr(self, step: int) -> float:
-        if step < self.warmup_steps:  # linear warm-up; starts at base/W rather than DINO's 0 (no wasted step)
-            return self.base_lr * (step + 1) / self.warmup_steps
-        n = max(self.total_steps - self.warmup_steps, 1)
-        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * (step - self.warmup_steps) / n))
-
-    def weight_decay(self, step: int) -> float:
-        return self.wd_end + 0.5 * (self.wd_start - self.wd_end) * (1 + math.cos(math.pi * step / max(self.total_steps, 1)))
-
-
-def make_schedules(cfg: PretrainConfig, steps_per_epoch: int) -> Schedules:
-    o = cfg.optim
-    total = o.epochs * steps_per_epoch
-    return Schedules(
-        base_lr=o.lr * o.batch_size / 256.0, min_lr=o.min_lr,
-        warmup_steps=min(int(round(o.warmup_epochs * steps_per_epoch)), total),
-        wd_start=o.weight_decay, wd_end=o.weight_decay_end, total_steps=total,
-    )
-
-
-# ------------------------------------------------------------------------------------------------ precision
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU (bf16 autocast on most CPUs is
-    slower than fp32)."""
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"Expected run.precision auto|bf16|fp16|fp32, but got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def clip_gradients_per_parameter(params: list[torch.nn.Parameter], clip: float) -> float:
-    """DINO / released ProSMin ``utils.clip_gradients``: scale each parameter's gradient to norm <= ``clip``
-    (per parameter, not the global norm). Returns the global gradient norm before clipping (for the log)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack(norms)).item()
-    if clip > 0:
-        coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
-        torch._foreach_mul_(grads, coefs)
-    return total
-
-
-# ---------------------------------------------------------------------------------------------- interruption
-class DeferredStop:
-    """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before a kill) during the loop end the run at
-    the next step boundary, after a checkpoint of that step, so a pre-empted run loses nothing and resumes exactly.
-
-    Raising at once could stop inside the optimiser or EMA update and save half a step. The first signal is
-    noted and the previous handlers are put back, so a second signal stops at once; :meth:`reraise` then hands
-    the signal to the handler that was in place (the CLI's raises KeyboardInterrupt or its ``Terminated``; the
-    default SIGTERM action ends the process). Signals that were ignored stay ignored; only the main thread can
-    install handlers, so elsewhere this does nothing.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def install(self) -> "DeferredStop":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                previous = signal.getsignal(sig)
-                if previous not in (signal.SIG_IGN, None):
-                    self._previous[sig] = previous
-                    signal.signal(sig, self._note)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-    def _note(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        self.uninstall()
-        log.info("%s: pretraining stops after this step and saves a checkpoint (send it again to stop at once)",
-                 signal.Signals(signum).name)
-
-    def reraise(self, checkpoint: Path, step: int) -> None:
-        """Deliver the noted signal now that the checkpoint of ``step`` is written; the exception carries
-        ``checkpoint = (path, step)`` for the message."""
-        signum, self.signum = self.signum, None
-        self.uninstall()
-        try:
-            if signum is None:  # another process of the job was signalled: stop together
-                raise KeyboardInterrupt
-            handler = signal.getsignal(signum)
-            if callable(handler):
-                handler(signum, None)
-            else:
-                signal.raise_signal(signum)
-        except KeyboardInterrupt as exc:
-            exc.checkpoint = (str(checkpoint), step)  # type: ignore[attr-defined]
-            raise
 
 
 # ----------------------------------------------------------------------------------------------------- loop
@@ -199,10 +76,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
                     keep.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(keep))
 
 
 def run_pretraining(cfg: PretrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
@@ -223,7 +97,7 @@ class Pretrainer:
                  device: str = "auto") -> None:
         self.cfg = cfg
         self.dinfo = distributed.init_from_env(device)
-        self.device = dev = distributed.process_device(device)
+        self.device = dev = resolve_device(device)  # under torchrun, this process's GPU
         self.out_dir = Path(out_dir)
         self.ckpt_path, self.log_path = self.out_dir / CHECKPOINT_NAME, self.out_dir / LOG_NAME
         self.is_main = distributed.is_main()
@@ -261,7 +135,7 @@ class Pretrainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _truncate_log(self.log_path, self.step)
-            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
     def _restore(self, saved: dict[str, Any]) -> None:
         m = self.method
@@ -442,11 +316,7 @@ def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _versions() -> dict[str, str]:
-    import timm
-
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
         own = version("prosmin-bench")
     except PackageNotFoundError:  # running from a checkout that is not installed
         own = "unknown"
@@ -456,6 +326,4 @@ def _versions() -> dict[str, str]:
 def _progress_bar(is_main: bool, total: int, initial: int):
     if not is_main or not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)

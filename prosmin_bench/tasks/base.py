@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from .. import cards
-from ..errors import CardError
+from ..data.base import DatasetRef
+from ..errors import CardError, DataError
 from ..registry import Registry
+from ..settings import EvalSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,18 @@ class TaskSpec:
     version: int
     main_score: str
     suite: str
-    datasets: dict[str, Any]
+    datasets: dict[str, Any]  # role -> the card's reference as written (what records store)
     protocol: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     paper: str = ""
     card: str = ""
+    #: role -> the parsed reference, what tasks pass to ``ctx.features`` / ``ctx.dataset`` (parsed from
+    #: ``datasets`` when not given)
+    refs: dict[str, DatasetRef] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.refs:
+            object.__setattr__(self, "refs", {role: DatasetRef.parse(ref) for role, ref in self.datasets.items()})
 
     @property
     def label(self) -> str:
@@ -55,29 +63,63 @@ class TaskOutput:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class TaskContext:
-    """What a task may use: the model, features through the cache, datasets, the seed, the device.
+class BackboneFace(Protocol):
+    """What a task may use of a model (``models.backbone.Backbone`` is one): its spec (``name``,
+    ``feature_layer``, ``preprocess``), eval ``transform``, feature layers, its predictive distribution and
+    projector when it has them, a trainable copy for fine-tuning, and its view under other preprocessing (which the
+    run's feature source makes for ``ctx.features(..., preprocess=...)``). Tasks never look further inside."""
 
-    Tasks never look inside a model: they call ``features(...)`` (or, for fine-tuning kinds, ``model`` as a
-    Backbone whose ``.net`` they copy and train).
+    spec: Any
+    transform: Callable[[Any], torch.Tensor]
+
+    @property
+    def has_predictive(self) -> bool: ...
+
+    @property
+    def has_projector(self) -> bool: ...
+
+    def predictive(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def features(self, images: torch.Tensor, layer: str = "cls") -> torch.Tensor: ...
+
+    def layer_dim(self, layer: str) -> int: ...
+
+    def trainable_copy(self) -> Any: ...
+
+    def with_preprocess(self, preprocess: Any) -> Any: ...
+
+
+class TaskContext:
+    """The one door of a task to the run: the model's face, features through the run's feature source (memo,
+    cache, torchrun sharding), datasets, the seed and the run's :class:`EvalSettings`.
+
+    ``feature_fn(ref, layer, preprocess=None)`` and ``dataset_fn(ref)`` receive each reference as a DatasetRef.
     """
 
-    def __init__(self, *, model: Any, seed: int, device: torch.device, data_root: Path | None,
-                 feature_fn: Callable[..., Any], dataset_fn: Callable[..., Any], options: Any = None) -> None:
+    def __init__(self, *, model: BackboneFace, seed: int, settings: EvalSettings,
+                 feature_fn: Callable[..., Any], dataset_fn: Callable[[DatasetRef], Any]) -> None:
         self.model = model
         self.seed = seed
-        self.device = device
-        self.data_root = data_root
+        self.settings = settings
         self._feature_fn = feature_fn
         self._dataset_fn = dataset_fn
-        self.options = options
 
-    def features(self, ref: Any, layer: str | None = None, **kwargs: Any):
-        """Features of dataset ``ref`` ("name:split" or a source table) in ``layer`` (default: the model's)."""
-        return self._feature_fn(ref, layer or self.model.spec.feature_layer, **kwargs)
+    @property
+    def device(self) -> torch.device:
+        return self.settings.device
 
-    def dataset(self, ref: Any):
-        return self._dataset_fn(ref)
+    @property
+    def data_root(self) -> Path | None:
+        return self.settings.data_root
+
+    def features(self, ref: DatasetRef | str | Mapping[str, Any], layer: str | None = None, *,
+                 preprocess: Any = None) -> Any:
+        """Features of dataset ``ref`` in ``layer`` (default: the model's), under the model's eval preprocessing
+        or, with ``preprocess``, under that one (e.g. ImageNet-C's no-resize view)."""
+        return self._feature_fn(DatasetRef.parse(ref), layer or self.model.spec.feature_layer, preprocess=preprocess)
+
+    def dataset(self, ref: DatasetRef | str | Mapping[str, Any]) -> Any:
+        return self._dataset_fn(DatasetRef.parse(ref))
 
     def rng(self, offset: int = 0) -> np.random.Generator:
         return np.random.default_rng(self.seed * 1000 + offset)
@@ -155,11 +197,19 @@ def spec_from_card(card: cards.Card) -> TaskSpec:
     suite = f("suite", str)
     if suite not in ("mini", "imagenet"):
         raise CardError(f"Card {str(card.path)!r}: field 'suite' must be 'mini' or 'imagenet', but got {suite!r}")
+    datasets = dict(f("datasets", dict))
+    refs = {}
+    for role, ref in datasets.items():
+        if not isinstance(ref, (str, Mapping)):
+            raise CardError(f"Card {str(card.path)!r}: field 'datasets.{role}' must be 'name:split' or a table")
+        try:
+            refs[role] = DatasetRef.parse(ref)
+        except DataError as exc:
+            raise CardError(f"Card {str(card.path)!r}: field 'datasets.{role}': {exc}") from None
     spec = TaskSpec(
         name=cards.name_field(card, "name"), kind=f("kind", str), version=version, main_score=f("main_score", str),
-        suite=suite,
-        datasets=dict(f("datasets", dict)), protocol=dict(f("protocol", dict, {})),
-        description=f("description", str, ""), paper=f("paper", str, ""), card=str(card.path),
+        suite=suite, datasets=datasets, protocol=dict(f("protocol", dict, {})),
+        description=f("description", str, ""), paper=f("paper", str, ""), card=str(card.path), refs=refs,
     )
     if spec.kind not in TASK_KINDS:
         raise CardError(
@@ -174,9 +224,6 @@ def spec_from_card(card: cards.Card) -> TaskSpec:
             f"{' (optional ' + str(list(cls.optional_roles)) + ')' if cls.optional_roles else ''}; "
             f"missing {missing}, unexpected {extra}"
         )
-    for role, ref in spec.datasets.items():
-        if not isinstance(ref, (str, Mapping)):
-            raise CardError(f"Card {str(card.path)!r}: field 'datasets.{role}' must be 'name:split' or a table")
     task = cls(spec)  # validates the protocol
     names = task.metric_names()
     if spec.main_score not in names:
@@ -187,26 +234,14 @@ def spec_from_card(card: cards.Card) -> TaskSpec:
     return spec
 
 
-_lock = threading.Lock()
-_catalogue: Registry[TaskSpec] | None = None
-
-
-@cards.on_change
-def _reset() -> None:
-    global _catalogue
-    _catalogue = None
-
-
+@cards.lazy_catalogue
 def catalogue() -> Registry[TaskSpec]:
-    global _catalogue
-    with _lock:
-        if _catalogue is None:
-            reg: Registry[TaskSpec] = Registry("task", "prosmin-bench list tasks")
-            for card in cards.iter_cards("tasks"):
-                spec = spec_from_card(card)
-                reg.add(spec.name, spec, origin=str(card.path))
-            _catalogue = reg
-        return _catalogue
+    """Every task: shipped cards and user cards (a name defined twice is an error naming both files)."""
+    reg: Registry[TaskSpec] = Registry("task", "prosmin-bench list tasks")
+    for card in cards.iter_cards("tasks"):
+        spec = spec_from_card(card)
+        reg.add(spec.name, spec, origin=str(card.path))
+    return reg
 
 
 def get_task_spec(name: str) -> TaskSpec:

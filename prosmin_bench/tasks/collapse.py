@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CardError
+from ..metrics import dims_for_variance, effective_rank, per_dim_std, spectrum
 from .base import Task, TaskContext, TaskOutput, register_kind
 
 #: Rows per chunk when averaging a (possibly memory-mapped, [50000, 12000]) sigma bank without reading it whole.
@@ -50,8 +51,6 @@ def dims_metric_name(fraction: float) -> str:
 
 def embedding_collapse_metrics(features: Any, variance_fraction: float = 0.99) -> dict[str, float]:
     """The collapse metrics of one embedding matrix [N, D] (N >= 2), keyed as in the module docstring."""
-    from ..metrics import dims_for_variance, effective_rank, per_dim_std
-
     n, d = int(features.shape[0]), int(features.shape[1])
     er = effective_rank(features)
     pds = per_dim_std(features)
@@ -66,8 +65,6 @@ def embedding_collapse_metrics(features: Any, variance_fraction: float = 0.99) -
 
 def normalised_spectrum(features: Any, size: int) -> list[float]:
     """The ``size`` largest singular values of the centred features, divided by the sum of all of them."""
-    from ..metrics import spectrum
-
     s = spectrum(features)
     total = float(s.sum())
     s = s / total if total > 0 else s
@@ -145,21 +142,21 @@ class CollapseTask(Task):
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         p = self.params
-        ref = self.spec.datasets["data"]
+        ref = self.spec.refs["data"]
         fs = ctx.features(ref, p.layer)
         x = _rows(fs.features, p.max_samples, ctx.rng(11))
         metrics = embedding_collapse_metrics(x, p.variance_fraction)
         extras: dict[str, Any] = {
             "spectrum": normalised_spectrum(x, p.spectrum_size), "dim": int(x.shape[1]), "n_samples": int(x.shape[0]),
         }
-        if p.predictive and getattr(ctx.model, "has_predictive", False):
+        if p.predictive and ctx.model.has_predictive:
             mu = ctx.features(ref, "predictive_mu")
             sigma = ctx.features(ref, "predictive_sigma")
             m = _rows(mu.features, p.predictive_max_samples, ctx.rng(12))
             metrics.update({f"mu_{k}": v for k, v in embedding_collapse_metrics(m, p.variance_fraction).items()})
             metrics["sigma_mean"] = _chunked_mean(sigma.features)
             extras["mu_dim"], extras["mu_n_samples"] = int(m.shape[1]), int(m.shape[0])
-        if p.projector and getattr(ctx.model, "has_projector", False):
+        if p.projector and ctx.model.has_projector:
             z = _rows(ctx.features(ref, "projector").features, p.projector_max_samples, ctx.rng(13))
             metrics.update({f"proj_{k}": v for k, v in embedding_collapse_metrics(z, p.variance_fraction).items()})
             extras["proj_spectrum"] = normalised_spectrum(z, p.spectrum_size)

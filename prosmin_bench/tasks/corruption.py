@@ -29,20 +29,23 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import config
+from ..atomic import atomic_write_text
+from ..data import DATASETS, DatasetRef
 from ..data.folder import reference_file
 from ..errors import CardError, DataError
-from ..metrics import CORRUPTIONS
+from ..metrics import (
+    ALEXNET_CLEAN_ERROR, CORRUPTIONS, expected_calibration_error, mean_corruption_error, negative_log_likelihood,
+    relative_corruption_errors, relative_mean_corruption_error,
+)
+from ..metrics import corruption_errors as ce_per_corruption
 from .base import Task, TaskContext, TaskOutput, register_kind
-from .linear import softmax
-from .shared_head import shared_linear_head
+from .probes import shared_linear_head, softmax
 
 log = logging.getLogger(__name__)
 
@@ -74,37 +77,6 @@ def alexnet_errors() -> dict[str, tuple[float, ...]]:
     return {c: rows[c] for c in CORRUPTIONS}
 
 
-class _PreprocessedView:
-    """The same backbone seen through another eval preprocessing. Feature cache keys include the preprocessing,
-    so these features never mix with the model's own."""
-
-    def __init__(self, model: Any, preprocess: Any) -> None:
-        self._model = model
-        self.spec = dataclasses.replace(model.spec, preprocess=preprocess)
-        self.transform = preprocess.build()
-        self.weights_sha256 = model.weights_sha256
-        self.network = model.network  # part of the feature cache key, like the weights
-
-    def eval(self) -> "_PreprocessedView":
-        self._model.eval()
-        return self
-
-    def features(self, images: Any, layer: str) -> Any:
-        return self._model.features(images, layer)
-
-    def layer_dim(self, layer: str) -> int:
-        return self._model.layer_dim(layer)
-
-
-def features_without_resize(ctx: TaskContext, ref: Any, layer: str) -> Any:
-    """Features of ``ref`` with the model's preprocessing minus its resize (ImageNet-C's 224-px images)."""
-    pre = ctx.model.spec.preprocess
-    if pre.resize is None:
-        return ctx.features(ref, layer)
-    # Through the run's feature source, like every other feature set: once per run, --overwrite and --data-hash.
-    return ctx.features(ref, layer, model=_PreprocessedView(ctx.model, dataclasses.replace(pre, resize=None)))
-
-
 def _grey_pixels(ds: Any) -> np.ndarray:
     """Raw grey pixels [N, H*W] in [0, 1] (channel mean) of an image dataset whose images share one size."""
     images = getattr(ds, "images", None)
@@ -116,25 +88,19 @@ def _grey_pixels(ds: Any) -> np.ndarray:
 
 
 def _atomic_write_json(path: Any, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
-def corrupted_ref(dataset: str, corruption: str, severity: int) -> str:
-    """``"digits_c", "fog", 3`` -> ``"digits_c:fog/3"``."""
-    return f"{dataset}:{corruption}/{severity}"
+def corrupted_ref(dataset: str, corruption: str, severity: int) -> DatasetRef:
+    """``"digits_c", "fog", 3`` -> the reference ``digits_c:fog/3``."""
+    return DatasetRef(dataset, f"{corruption}/{severity}")
 
 
-def check_same_images(ctx: TaskContext, task: str, test_ref: Any, corrupted: str) -> None:
+def check_same_images(ctx: TaskContext, task: str, test_ref: DatasetRef, corrupted: str) -> None:
     """Every ``<corruption>/<severity>`` split must hold the clean test set's images, class by class (ImageNet-C is
     ImageNet val under each corruption; digits_c is the digits test split). A split with fewer or more images,
     e.g. an archive extracted part-way, would give an error rate over another set of images and a wrong mCE, so
     it is refused with the splits named; the datasets are only listed here, before any feature is computed."""
-    from ..data import DATASETS
-
     clean = ctx.dataset(test_ref)
     want = np.bincount(np.asarray(clean.labels), minlength=len(clean.class_names))
     bad = []
@@ -147,7 +113,7 @@ def check_same_images(ctx: TaskContext, task: str, test_ref: Any, corrupted: str
             if diff:
                 bad.append(f"{c}/{s}: {len(split)} image(s), {diff} class(es) with another count")
     if bad:
-        name = test_ref if isinstance(test_ref, str) else "the test set"
+        name = str(test_ref) if test_ref.registered else "the test set"
         raise DataError(
             f"{task}: {len(bad)} of {len(CORRUPTIONS) * len(SEVERITIES)} splits of {corrupted!r} do not hold the "
             f"clean test set's images ({name}: {len(clean)} images), e.g. {bad[:3]}; each split holds the same "
@@ -156,8 +122,10 @@ def check_same_images(ctx: TaskContext, task: str, test_ref: Any, corrupted: str
         )
 
 
-def pixel_tree_reference(ctx: TaskContext, train_ref: Any, test_ref: Any, corrupted: str) -> dict[str, Any]:
+def pixel_tree_reference(ctx: TaskContext, train_ref: DatasetRef, test_ref: DatasetRef,
+                         corrupted: str) -> dict[str, Any]:
     """The pixel_tree reference model's errors: ``{"errors": {c: [5 errors]}, "clean_error": e}`` (cached)."""
+    # Imported here: scikit-learn takes about a second to import, which only the mini-scale mCE pays.
     import sklearn
     from sklearn.tree import DecisionTreeClassifier
 
@@ -210,8 +178,6 @@ class CorruptionTask(Task):
             raise CardError(f"Card {spec.card!r}: protocol field 'severities' must be [1, 2, 3, 4, 5]")
         if params.baseline not in BASELINES:
             raise CardError(f"Card {spec.card!r}: protocol field 'baseline' must be one of {list(BASELINES)}")
-        from ..data import DATASETS
-
         if params.corrupted not in DATASETS:
             raise CardError(
                 f"Card {spec.card!r}: protocol field 'corrupted': {DATASETS.unknown_message(params.corrupted)}"
@@ -231,23 +197,15 @@ class CorruptionTask(Task):
         return names + [f"error_{c}_s{s}" for c in CORRUPTIONS for s in SEVERITIES]
 
     def _baseline(self, ctx: TaskContext) -> tuple[dict[str, Any], float, str]:
-        from ..metrics import ALEXNET_CLEAN_ERROR
-
         if self.params.baseline == "alexnet":
             return alexnet_errors(), ALEXNET_CLEAN_ERROR, "AlexNet (Hendrycks & Dietterich 2019)"
-        ds = self.spec.datasets
+        ds = self.spec.refs
         ref = pixel_tree_reference(ctx, ds["train"], ds["test"], self.params.corrupted)
         return ref["errors"], float(ref["clean_error"]), ref["model"]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
-        from ..metrics import (
-            expected_calibration_error, mean_corruption_error, negative_log_likelihood, relative_corruption_errors,
-            relative_mean_corruption_error,
-        )
-        from ..metrics import corruption_errors as ce_per_corruption
-
         p = self.params
-        ds = self.spec.datasets
+        ds = self.spec.refs
         check_same_images(ctx, self.spec.name, ds["test"], p.corrupted)
         shared = shared_linear_head(ctx, p.head_task, card=self.spec.card, train_ref=ds["train"], test_ref=ds["test"])
 
@@ -258,13 +216,17 @@ class CorruptionTask(Task):
                     expected_calibration_error(probs, y, n_bins=p.n_bins))
 
         clean_error, clean_nll, clean_ece = evaluate(ctx.features(ds["test"], shared.layer))
+        # ImageNet-C's images are stored cropped already: with `resize = false` they go through the model's
+        # preprocessing minus its resize (through the run's feature source, like every other feature set).
+        pre = ctx.model.spec.preprocess
+        variant = None if p.resize or pre.resize is None else dataclasses.replace(pre, resize=None)
         errors: dict[str, list[float]] = {}
         nlls, eces = [], []
         for c in CORRUPTIONS:
             errors[c] = []
             for s in SEVERITIES:
                 ref = corrupted_ref(p.corrupted, c, s)
-                feats = ctx.features(ref, shared.layer) if p.resize else features_without_resize(ctx, ref, shared.layer)
+                feats = ctx.features(ref, shared.layer, preprocess=variant)
                 e, nll, ece = evaluate(feats)
                 errors[c].append(e)
                 nlls.append(nll)

@@ -12,7 +12,6 @@ RandAugment, Mixup/CutMix, repeated augmentation, random erasing, stochastic dep
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import sys
@@ -23,11 +22,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision import transforms as T
+from tqdm.auto import tqdm
 
 from ..errors import CardError, ProsminBenchError
-from ..features import PRECISIONS
-from ..models.backbone import Backbone
-from .linear import _stratified_holdout, softmax
+from ..settings import PRECISIONS
+from .base import BackboneFace
+from .probes import softmax, stratified_holdout
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,9 @@ def check_finetune_params(spec: Any, p: FinetuneParams) -> None:
 class Classifier(nn.Module):
     """A trainable copy of a backbone with a linear head: images [N, 3, H, W] -> logits [N, C]."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, layer: str, seed: int) -> None:
+    def __init__(self, backbone: BackboneFace, num_classes: int, layer: str, seed: int) -> None:
         super().__init__()
-        # Copy only the network (not a predictive head the backbone may carry) and unfreeze it.
-        self.backbone = Backbone(backbone.spec, copy.deepcopy(backbone.net), backbone.weights_sha256,
-                                 network=backbone.network)
-        for p in self.backbone.parameters():
-            p.requires_grad_(True)
+        self.backbone = backbone.trainable_copy()  # the network alone, unfrozen; ``backbone`` stays as it is
         self.layer = layer
         self.head = nn.Linear(self.backbone.layer_dim(layer), num_classes)
         gen = torch.Generator().manual_seed(seed)
@@ -87,10 +84,8 @@ class Classifier(nn.Module):
         return self.head(self.backbone.features(images, self.layer))
 
 
-def train_transform(model: Backbone, crop_scale: tuple[float, float], hflip: bool):
+def train_transform(model: BackboneFace, crop_scale: tuple[float, float], hflip: bool):
     """RandomResizedCrop to the model's crop size (+ flip) + the model's normalisation."""
-    from torchvision import transforms as T
-
     pre = model.spec.preprocess
     ops: list[Any] = [T.RandomResizedCrop(pre.crop, scale=tuple(crop_scale),
                                           interpolation=T.InterpolationMode(pre.interpolation))]
@@ -144,7 +139,7 @@ class FinetuneResult:
     history: list[dict[str, float]]
 
 
-def finetune(backbone: Backbone, train_set: Any, train_labels: np.ndarray, num_classes: int, params: FinetuneParams,
+def finetune(backbone: BackboneFace, train_set: Any, train_labels: np.ndarray, num_classes: int, params: FinetuneParams,
              *, seed: int, device: torch.device, num_workers: int = 0, precision: str = "fp32",
              desc: str = "finetune") -> FinetuneResult:
     """Fine-tune a copy of ``backbone`` + a linear head on ``train_set`` (an ImageDataset, labels [N]).
@@ -152,13 +147,11 @@ def finetune(backbone: Backbone, train_set: Any, train_labels: np.ndarray, num_c
     ``params.val_fraction`` of each class (at least one when it has two or more) is held out; the weights of the
     epoch with the best held-out top-1 are returned. The backbone itself is never modified.
     """
-    from tqdm.auto import tqdm
-
     p = params
     if precision not in PRECISIONS:
         raise ProsminBenchError(f"Expected precision 'fp32', 'bf16' or 'fp16', but got {precision!r}")
     amp = PRECISIONS[precision]
-    fit_idx, val_idx = _stratified_holdout(np.asarray(train_labels), p.val_fraction, seed)
+    fit_idx, val_idx = stratified_holdout(np.asarray(train_labels), p.val_fraction, seed)
     if len(val_idx) == 0:
         raise ProsminBenchError(
             f"{desc}: no class has two training examples, so nothing can be held out to choose the epoch"

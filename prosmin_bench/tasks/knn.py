@@ -26,12 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import FeatureError
+from ..errors import CardError, FeatureError
+from ..metrics import accuracy, expected_calibration_error, negative_log_likelihood
+from ..settings import EvalSettings
 from .base import Task, TaskContext, TaskOutput, register_kind
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MEMORY = 1 << 30  # 1 GiB of working memory for similarity blocks: fits any GPU and a laptop
+DEFAULT_MAX_MEMORY = EvalSettings.max_memory  # bytes of working memory for similarity blocks outside a run
 
 # Working-memory model of knn_topk, in bytes (checked by tests/test_knn.py and benchmarks/bench_knn.py).
 _CELL_BYTES = 5  # per similarity-block cell: float32 similarity + bool "above the running k-th best" mask
@@ -317,8 +319,6 @@ class KNNTask(Task):
 
     @classmethod
     def check_params(cls, spec, params) -> None:
-        from ..errors import CardError
-
         if not params.ks or any(not isinstance(k, int) or k < 1 for k in params.ks):
             raise CardError(f"Card {spec.card!r}: protocol field 'ks' must be positive integers, got {params.ks}")
         if not params.temperature > 0:
@@ -328,15 +328,12 @@ class KNNTask(Task):
         return [f"{m}_k{k}" for k in self.params.ks for m in ("top1", "nll", "ece")]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
-        from ..metrics import accuracy, expected_calibration_error, negative_log_likelihood
-
         p = self.params
-        train = ctx.features(self.spec.datasets["train"], p.layer)
-        test = ctx.features(self.spec.datasets["test"], p.layer)
+        train = ctx.features(self.spec.refs["train"], p.layer)
+        test = ctx.features(self.spec.refs["test"], p.layer)
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-        opts = ctx.options
-        sims, idx = knn_topk(train.features, test.features, max(p.ks),
-                             max_memory=getattr(opts, "max_memory", DEFAULT_MAX_MEMORY), device=ctx.device)
+        sims, idx = knn_topk(train.features, test.features, max(p.ks), max_memory=ctx.settings.max_memory,
+                             device=ctx.device)
         metrics: dict[str, float] = {}
         extras: dict[str, Any] = {"top1_by_k": {}}
         for k in p.ks:

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data.subsets import LabelledSubset, check_covers, resolve_split_file, stratified_subset, subset_from_split_file
+from ..data.subsets import check_covers
 from ..errors import CardError, DataError
 from .base import Task, TaskContext, TaskOutput, register_kind
-from .linear import _stratified_holdout, classification_metrics, reliability_bins
+from .probes import check_subset_params, classification_metrics, labelled_subset, reliability_extras, stratified_holdout
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, lam: float, max_iter: int):
     """Multinomial L2 logistic regression without intercept, cyanure's lambda -> sklearn C = 1 / (lambda N)."""
+    # Imported here: scikit-learn's linear models take about a second to import, which only a low-shot run pays.
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -63,28 +64,6 @@ def predict_proba_full(clf: Any, x: np.ndarray, num_classes: int) -> np.ndarray:
     out = np.zeros((len(x), num_classes))
     out[:, np.asarray(clf.classes_, dtype=np.int64)] = clf.predict_proba(x)
     return out
-
-
-def labelled_subset(ctx: TaskContext, train_ref: Any, labels: np.ndarray, subset_file: str, fraction: float,
-                    card: str) -> LabelledSubset:
-    """The labelled subset of the training set: from a SimCLR split file, else stratified with the seed."""
-    if subset_file:
-        ds = ctx.dataset(train_ref)
-        if not hasattr(ds, "paths"):
-            raise DataError(
-                f"Card {card!r}: subset_file needs a train set read from image files (e.g. imagenet:train), but "
-                f"{train_ref!r} is not; use `fraction` instead"
-            )
-        return subset_from_split_file(ds.paths, np.asarray(ds.labels), ds.class_names,
-                                      resolve_split_file(subset_file, ctx.data_root), root=getattr(ds, "root", None))
-    return stratified_subset(labels, fraction, ctx.seed)
-
-
-def check_subset_params(spec: Any, subset_file: str, fraction: float) -> None:
-    if bool(subset_file) == (fraction > 0):
-        raise CardError(f"Card {spec.card!r}: set exactly one of protocol fields 'subset_file' and 'fraction'")
-    if fraction and not 0 < fraction < 1:
-        raise CardError(f"Card {spec.card!r}: protocol field 'fraction' must be in (0, 1), got {fraction}")
 
 
 @register_kind("lowshot")
@@ -112,17 +91,17 @@ class LowShotTask(Task):
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         p = self.params
-        train = ctx.features(self.spec.datasets["train"], p.layer)
-        test = ctx.features(self.spec.datasets["test"], p.layer)
+        train = ctx.features(self.spec.refs["train"], p.layer)
+        test = ctx.features(self.spec.refs["test"], p.layer)
         y_all, y_test = np.asarray(train.labels), np.asarray(test.labels)
         num_classes = int(max(y_all.max(), y_test.max())) + 1
-        subset = labelled_subset(ctx, self.spec.datasets["train"], y_all, p.subset_file, p.fraction, self.spec.card)
+        subset = labelled_subset(ctx, self.spec.refs["train"], y_all, p.subset_file, p.fraction, self.spec.card)
         x = l2_normalise(np.asarray(train.features[subset.indices]))
         y = y_all[subset.indices]
-        names = getattr(ctx.dataset(self.spec.datasets["test"]), "class_names", None)
+        names = getattr(ctx.dataset(self.spec.refs["test"]), "class_names", None)
         check_covers(y, y_test, names, f"{self.spec.name} (seed {ctx.seed})")
         # Choose lambda on a held-out part of the labelled subset (classes with one example stay in the fit part).
-        fit_idx, val_idx = _stratified_holdout(y, p.val_fraction, ctx.seed)
+        fit_idx, val_idx = stratified_holdout(y, p.val_fraction, ctx.seed)
         if len(val_idx) == 0:
             raise DataError(
                 f"{self.spec.name}: the labelled subset ({len(y)} images) has no class with two examples, so nothing "
@@ -145,6 +124,6 @@ class LowShotTask(Task):
         extras = {
             "subset": subset.info, "lambda_choice": best[2],
             "val_scores": {s[2]: {"top1": s[0], "nll": -s[1]} for s in scores},
-            "reliability": reliability_bins(probs, y_test, p.n_bins),
+            "reliability": reliability_extras(probs, y_test, p.n_bins),
         }
         return TaskOutput(metrics, extras)

@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..data.folder import read_lines
 from ..data.subsets import resolve_split_file
 from ..errors import CardError, DataError, FeatureError, ProsminBenchError
+from ..metrics import energy_confidence, knn_distance_confidence, max_logit_confidence, msp_confidence, ood_metrics
 from .base import Task, TaskContext, TaskOutput, register_kind
-from .lowshot import labelled_subset
-from .shared_head import shared_linear_head
+from .probes import labelled_subset, mean_sigma, row_chunks, shared_linear_head
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +92,6 @@ def class_indices(names_file: str, class_names: list[str], data_root: Any) -> np
     return np.array([pos[w] for w in wanted], dtype=np.int64)
 
 
-def _row_chunks(n: int, rows: np.ndarray | None, chunk: int) -> list[Any]:
-    """Row selections of ``chunk`` rows each: slices of range(n), or pieces of the sorted index array ``rows``."""
-    if rows is None:
-        return [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    return [rows[s : s + chunk] for s in range(0, len(rows), chunk)]
-
-
-def mean_sigma(sigma: Any, rows: np.ndarray | None = None) -> np.ndarray:
-    """Per-sample mean predictive sigma over K: sigma [N, K] (possibly memory-mapped; only ``rows``, sorted, when
-    given) -> [N or len(rows)] float64, read in chunks."""
-    parts = [np.asarray(sigma[sel], dtype=np.float64).mean(axis=1)
-             for sel in _row_chunks(int(sigma.shape[0]), rows, 4096)]
-    return np.concatenate(parts) if parts else np.zeros(0)
-
-
 def predictive_dispersion(mu: Any, sigma: Any, *, r: int, distance: str, rng: np.random.Generator,
                           rows: np.ndarray | None = None, chunk: int = _DISPERSION_CHUNK) -> np.ndarray:
     """Per-sample expected pairwise distance between r samples of N(mu, diag(sigma^2)).
@@ -116,8 +102,6 @@ def predictive_dispersion(mu: Any, sigma: Any, *, r: int, distance: str, rng: np
     K ("l1") or ||.||_2 ("l2"), as the energy score's sample-sample term (ProSMin, ICLR 2024, Eq. 2;
     ``pretrain/losses.py``).
     """
-    import torch
-
     if distance not in DISPERSION_DISTANCES:
         raise ProsminBenchError(f"Expected distance 'l1' or 'l2', but got {distance!r}")
     if r < 2:
@@ -130,7 +114,7 @@ def predictive_dispersion(mu: Any, sigma: Any, *, r: int, distance: str, rng: np
     a, b = torch.triu_indices(r, r, offset=1)
     p = 1.0 if distance == "l1" else 2.0
     parts = []
-    for sel in _row_chunks(int(mu.shape[0]), rows, chunk):
+    for sel in row_chunks(int(mu.shape[0]), rows, chunk):
         m = torch.from_numpy(np.asarray(mu[sel], dtype=np.float64))
         sd = torch.from_numpy(np.asarray(sigma[sel], dtype=np.float64))
         eps = torch.from_numpy(rng.standard_normal((len(m), r, k)))
@@ -173,12 +157,8 @@ class OODTask(Task):
         return names + [f"{s}_{m}" for s in PREDICTIVE_SCORES for m in four]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
-        from ..metrics import (
-            energy_confidence, knn_distance_confidence, max_logit_confidence, msp_confidence, ood_metrics,
-        )
-
         p = self.params
-        ds = self.spec.datasets
+        ds = self.spec.refs
         shared = shared_linear_head(ctx, p.head_task, card=self.spec.card, train_ref=ds["train"], test_ref=ds["test"])
         id_feats = ctx.features(ds["test"], shared.layer)
         ood_feats = ctx.features(ds["ood"], shared.layer)
@@ -212,7 +192,7 @@ class OODTask(Task):
         ood_knn = np.asarray(ctx.features(ds["ood"], p.knn_layer).features)
         k = min(p.knn_k, len(bank_x))
         conf["knn"] = (knn_distance_confidence(bank_x, id_knn, k=k), knn_distance_confidence(bank_x, ood_knn, k=k))
-        predictive = p.predictive and bool(getattr(ctx.model, "has_predictive", False))
+        predictive = p.predictive and ctx.model.has_predictive
         if predictive:
             conf.update(self._predictive_confidences(ctx, keep))
         metrics: dict[str, float] = {}
@@ -240,7 +220,7 @@ class OODTask(Task):
     def _predictive_confidences(self, ctx: TaskContext, keep: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(ID, OOD) confidences -mean sigma and -dispersion from the cached predictive layers; ID rows ``keep``."""
         p = self.params
-        ds = self.spec.datasets
+        ds = self.spec.refs
         sigma_c, disp_c = [], []
         for role, rows, offset in (("test", keep, _RNG_ID), ("ood", None, _RNG_OOD)):
             sigma = ctx.features(ds[role], "predictive_sigma")

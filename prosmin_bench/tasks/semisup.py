@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from ..data.base import DatasetRef
 from ..data.subsets import SubsetImageDataset, check_covers
 from .base import Task, TaskContext, TaskOutput, register_kind
 from .finetune import FinetuneParams, check_finetune_params, finetune, predict
-from .linear import classification_metrics, reliability_bins, softmax
-from .lowshot import check_subset_params, labelled_subset
+from .probes import check_subset_params, classification_metrics, labelled_subset, reliability_extras, softmax
 
 
 @dataclass(frozen=True)
@@ -27,29 +27,27 @@ class SemisupParams(FinetuneParams):
     fraction: float = 0.0  # labelled fraction for the stratified draw (seeded)
 
 
-def evaluate_finetuned(ctx: TaskContext, result: Any, test_ref: Any, params: FinetuneParams,
+def evaluate_finetuned(ctx: TaskContext, result: Any, test_ref: DatasetRef, params: FinetuneParams,
                        num_classes: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Test metrics of a fine-tuned classifier (the model's eval transform), and extras for plots."""
-    opts = ctx.options
     test = ctx.dataset(test_ref)
     logits, y = predict(result.model, test.with_transform(ctx.model.transform),
-                        batch_size=getattr(opts, "batch_size", 256), device=ctx.device,
-                        num_workers=getattr(opts, "num_workers", 0))
+                        batch_size=ctx.settings.batch_size, device=ctx.device,
+                        num_workers=ctx.settings.num_workers)
     probs = softmax(logits)
     metrics = classification_metrics(probs, y, params.n_bins)
     metrics.update({"val_top1": result.val_top1, "best_epoch": float(result.best_epoch)})
-    extras = {"history": result.history, "reliability": reliability_bins(probs, y, params.n_bins)}
+    extras = {"history": result.history, "reliability": reliability_extras(probs, y, params.n_bins)}
     return metrics, extras
 
 
-def run_finetune(ctx: TaskContext, train_set: Any, test_ref: Any, params: FinetuneParams, name: str) -> TaskOutput:
+def run_finetune(ctx: TaskContext, train_set: Any, test_ref: DatasetRef, params: FinetuneParams, name: str) -> TaskOutput:
     """Fine-tune on ``train_set`` and evaluate on ``test_ref`` (shared by the semisup and transfer kinds)."""
     test_labels = np.asarray(ctx.dataset(test_ref).labels)
     num_classes = int(max(np.max(train_set.labels), test_labels.max())) + 1
-    opts = ctx.options
     result = finetune(ctx.model, train_set, np.asarray(train_set.labels), num_classes, params, seed=ctx.seed,
-                      device=ctx.device, num_workers=getattr(opts, "num_workers", 0),
-                      precision=getattr(opts, "precision", "fp32"), desc=f"{ctx.model.spec.name} {name}")
+                      device=ctx.device, num_workers=ctx.settings.num_workers, precision=ctx.settings.precision,
+                      desc=f"{ctx.model.spec.name} {name}")
     metrics, extras = evaluate_finetuned(ctx, result, test_ref, params, num_classes)
     return TaskOutput(metrics, extras)
 
@@ -72,7 +70,7 @@ class SemisupTask(Task):
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         p = self.params
-        train_ref, test_ref = self.spec.datasets["train"], self.spec.datasets["test"]
+        train_ref, test_ref = self.spec.refs["train"], self.spec.refs["test"]
         train = ctx.dataset(train_ref)
         subset = labelled_subset(ctx, train_ref, np.asarray(train.labels), p.subset_file, p.fraction, self.spec.card)
         labelled = SubsetImageDataset(train, subset.indices)

@@ -28,5 +28,5 @@ class TransferFinetuneTask(Task):
         return ["top1", "top5", "nll", "ece", "val_top1", "best_epoch"]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
-        train = ctx.dataset(self.spec.datasets["train"])
-        return run_finetune(ctx, train, self.spec.datasets["test"], self.params, self.spec.name)
+        train = ctx.dataset(self.spec.refs["train"])
+        return run_finetune(ctx, train, self.spec.refs["test"], self.params, self.spec.name)

@@ -2,14 +2,17 @@
 interface the training loop relies on).
 
 Every module in this package is imported here, so a method registers itself by being a file in this folder
-that decorates its class with ``@METHODS.register("name")``.
+that decorates its class with ``@METHODS.register("name")`` (and its networks in ``models/networks.py``).
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Mapping
+from typing import Any
 
+from ..config import ConfigError, PretrainConfig
 from .base import (
     METHODS,
     BackboneFactory,
@@ -18,12 +21,20 @@ from .base import (
     PretrainMethod,
     Progress,
     build_backbone_factory,
-    embed_dim_of,
 )
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name != "base" and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
+
+
+def config_from_dict(d: Mapping[str, Any]) -> PretrainConfig:
+    """A saved config (``PretrainConfig.to_dict()``, e.g. a checkpoint's ``"config"``) as the typed config, its
+    method's knobs typed by that method's config class."""
+    if "method" not in d:
+        raise ConfigError("Expected a pretraining config dict with a 'method' key; the checkpoint is damaged")
+    return PretrainConfig.from_dict(d, METHODS.get(d["method"]).config_class)
+
 
 __all__ = [
     "METHODS",
@@ -33,5 +44,5 @@ __all__ = [
     "PretrainMethod",
     "Progress",
     "build_backbone_factory",
-    "embed_dim_of",
+    "config_from_dict",
 ]

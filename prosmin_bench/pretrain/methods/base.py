@@ -33,8 +33,8 @@ Contract for subclasses:
   biases and 1-D parameters). The loop sets each group's ``lr`` and, where ``apply_wd`` is true, ``weight_decay``.
 - ``before_optimizer_step(progress)``: hook between backward and the optimiser step (gradient surgery such as
   DINO's freezing of the last layer during the first epochs).
-- ``predictive_module()``: for probabilistic methods, a module mapping images to ``(mu, sigma)`` through the
-  online network (``None`` otherwise).
+- the networks themselves are defined with the models (``models/networks.py`` ``NETWORKS``, built with
+  ``build_networks``), which rebuild them from a checkpoint for evaluation (e.g. ProSMin's predictive sigma).
 
 Randomness that belongs to an image (noise samples, masks) should be drawn from ``batch.rng`` (per-image
 generators; see ``pretrain/rng.py``), so results do not depend on how the global batch is split over
@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ...models.architectures import set_sincos_position_embedding
+from ...models.architectures import build_architecture, set_sincos_position_embedding
 from ...registry import Registry
 from ..config import ConfigError, MultiCropConfig
 from ..rng import SampleRNG
@@ -254,14 +254,9 @@ class PretrainMethod(nn.Module):
             for n, b in own.items():
                 b.copy_(state[n])
 
-    def predictive_module(self) -> nn.Module | None:
-        """``images -> (mu, sigma)`` for probabilistic methods; ``None`` otherwise."""
-        return None
-
 
 def build_backbone_factory(arch: str, arch_kwargs: dict[str, Any]) -> BackboneFactory:
     """``factory(drop_path_rate)`` building ``arch`` with ``arch_kwargs`` (its own drop_path_rate replaced)."""
-    from ...models.architectures import build_architecture
 
     def factory(drop_path_rate: float) -> nn.Module:
         kwargs = dict(arch_kwargs)
@@ -269,12 +264,3 @@ def build_backbone_factory(arch: str, arch_kwargs: dict[str, Any]) -> BackboneFa
         return build_architecture(arch, **kwargs)
 
     return factory
-
-
-def embed_dim_of(backbone: nn.Module) -> int:
-    """Feature width of a timm backbone (``num_features``; ``embed_dim`` as a fallback)."""
-    for attr in ("num_features", "embed_dim"):
-        value = getattr(backbone, attr, None)
-        if isinstance(value, int):
-            return value
-    raise ConfigError(f"Cannot tell the feature width of {type(backbone).__name__}: no num_features/embed_dim")

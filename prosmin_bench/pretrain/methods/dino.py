@@ -14,14 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import distributed
+from ...models.networks import build_networks
 from ..config import ConfigError, MultiCropConfig
-from ..heads import DINOHead
-from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress, embed_dim_of
-from .prosmin import multicrop_features
+from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress
 
 
 @dataclass(frozen=True)
@@ -74,21 +72,6 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     return ce[mask].sum() / n_pairs, n_pairs
 
 
-class DINONetwork(nn.Module):
-    """Backbone -> DINO head. ``forward_views(views) -> [V * b, K]`` (one backbone pass per run of equal sizes)."""
-
-    def __init__(self, backbone: nn.Module, cfg: DINOConfig) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = DINOHead(
-            embed_dim_of(backbone), cfg.out_dim, hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim,
-            nlayers=cfg.head_nlayers, use_bn=cfg.head_use_bn, norm_last_layer=cfg.norm_last_layer,
-        )
-
-    def forward_views(self, views: list[torch.Tensor]) -> torch.Tensor:
-        return self.head(multicrop_features(self.backbone, views))
-
-
 @METHODS.register("dino")
 class DINO(PretrainMethod):
     """DINO (see the module docstring). Logs: ``teacher_temp``, ``teacher_entropy`` (mean entropy of the
@@ -107,8 +90,8 @@ class DINO(PretrainMethod):
                 raise ConfigError(f"Expected method.{field_name} > 0, but got {getattr(c, field_name)}")
         if not 0.0 <= c.center_momentum < 1.0:
             raise ConfigError(f"Expected method.center_momentum in [0, 1), but got {c.center_momentum}")
-        self.online = DINONetwork(backbone_factory(c.drop_path_rate), c)
-        self.target = DINONetwork(backbone_factory(0.0), c)  # main_dino.py: the teacher has no drop path
+        # student and teacher: backbone -> DINO head (models/networks.py); main_dino.py: the teacher has no drop path
+        self.online, self.target = build_networks(self.name, c, backbone_factory)
         self.configure_backbone()
         self.init_target_from_online()
         self.register_buffer("center", torch.zeros(1, c.out_dim))

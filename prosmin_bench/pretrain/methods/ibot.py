@@ -24,12 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import distributed
+from ...models.networks import build_networks, multicrop_features
 from ..config import ConfigError, MultiCropConfig
-from ..heads import DINOHead, WeightNormLinear
 from ..rng import SampleRNG
-from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress, embed_dim_of
+from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress
 from .dino import dino_cross_entropy, teacher_temperature
-from .prosmin import multicrop_features
 
 
 @dataclass(frozen=True)
@@ -145,39 +144,6 @@ def ibot_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, m
     return per_image.mean()
 
 
-class IBOTHead(nn.Module):
-    """iBOTHead: DINO's head whose MLP is applied to every token; [CLS] through ``last_layer``, patch tokens
-    through ``last_layer`` too when shared, else through ``patch.last_layer`` (iBOT's ``last_layer2``; nested so
-    the loop's ``.last_layer.`` freezing of the first epoch applies to it as in iBOT's ``cancel_gradients_last_layer``).
-
-    Shapes: cls_and_patches(tokens [N, T, E]) -> ([N, K], [N, T - 1, K_patch]); forward(x [N, E]) -> [N, K].
-    """
-
-    def __init__(self, in_dim: int, cfg: IBOTConfig, *, shared: bool) -> None:
-        super().__init__()
-        base = DINOHead(in_dim, cfg.out_dim, hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim,
-                        nlayers=cfg.head_nlayers, use_bn=cfg.head_use_bn, norm_last_layer=cfg.norm_last_layer)
-        self.mlp, self.last_layer = base.mlp, base.last_layer
-        if not shared:
-            self.patch = nn.Module()
-            self.patch.last_layer = WeightNormLinear(cfg.head_bottleneck_dim, cfg.patch_out_dim,
-                                                     freeze_norm=cfg.norm_last_layer)
-
-    def _bottleneck(self, x: torch.Tensor) -> torch.Tensor:
-        # tokens [N, T, E] go through the MLP as N * T rows, so a BN layer (``head_use_bn``) normalises over every
-        # token of the batch, as iBOT's CustomSequential does by moving the channels to dim 1
-        z = self.mlp(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-        return F.normalize(z, dim=-1, p=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(self._bottleneck(x))
-
-    def cls_and_patches(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self._bottleneck(tokens)
-        patch_layer = self.patch.last_layer if hasattr(self, "patch") else self.last_layer
-        return self.last_layer(z[:, 0]), patch_layer(z[:, 1:])
-
-
 def vit_tokens(backbone: nn.Module, images: torch.Tensor, mask: torch.Tensor | None = None,
                mask_token: torch.Tensor | None = None) -> torch.Tensor:
     """All final-norm tokens of a timm ViT, [N, 1 + P, E], with the patch embeddings of ``mask`` [N, P] (True =
@@ -199,26 +165,6 @@ def patch_grid(backbone: nn.Module, image_size: tuple[int, int] | torch.Size) ->
     """Patch grid (H, W) of a timm ViT for images of ``image_size``."""
     h, w = backbone.patch_embed.dynamic_feat_size(tuple(image_size))
     return int(h), int(w)
-
-
-class IBOTStudent(nn.Module):
-    """Student: backbone, iBOT head, and the mask token (iBOT's ``masked_embed``, zeros at init)."""
-
-    def __init__(self, backbone: nn.Module, cfg: IBOTConfig) -> None:
-        super().__init__()
-        self.backbone = backbone
-        dim = embed_dim_of(backbone)
-        self.head = IBOTHead(dim, cfg, shared=cfg.shared_head)
-        self.mask_token = nn.Parameter(torch.zeros(1, dim))
-
-
-class IBOTTeacher(nn.Module):
-    """Teacher: backbone and iBOT head (EMA of the student's parameters of the same names)."""
-
-    def __init__(self, backbone: nn.Module, cfg: IBOTConfig) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = IBOTHead(embed_dim_of(backbone), cfg, shared=cfg.shared_head_teacher)
 
 
 @METHODS.register("ibot")
@@ -248,8 +194,8 @@ class IBOT(PretrainMethod):
         if c.shared_head and not c.shared_head_teacher:
             raise ConfigError("method.shared_head=true needs method.shared_head_teacher=true (the teacher's patch "
                               "layer is the EMA of the student's)")
-        self.online = IBOTStudent(backbone_factory(c.drop_path_rate), c)
-        self.target = IBOTTeacher(backbone_factory(0.0), c)  # iBOT: the teacher has no drop path
+        # student (backbone, iBOT head, mask token) and teacher (models/networks.py); the teacher has no drop path
+        self.online, self.target = build_networks(self.name, c, backbone_factory)
         self.configure_backbone()
         self.init_target_from_online()
         self.register_buffer("center", torch.zeros(1, c.out_dim))

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import distributed
+from ...models.networks import build_networks
 from ..config import ConfigError, MultiCropConfig
-from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress, embed_dim_of
+from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress
 
 
 @dataclass(frozen=True)
@@ -43,21 +43,6 @@ class MoCoV3Config(MethodConfig):
     weight_decay_all: bool = True  # main_moco.py: torch AdamW(model.parameters()) decays every parameter
 
 
-def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
-    """MoCo-v3 ``_build_mlp``: Linear(bias=False) -> BN -> ReLU per hidden layer; the last Linear(bias=False) is
-    followed by a BN without affine parameters. Shapes: [N, input_dim] -> [N, output_dim]."""
-    layers: list[nn.Module] = []
-    for i in range(num_layers):
-        d_in = input_dim if i == 0 else mlp_dim
-        d_out = output_dim if i == num_layers - 1 else mlp_dim
-        layers.append(nn.Linear(d_in, d_out, bias=False))
-        if i < num_layers - 1:
-            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
-        elif last_bn:
-            layers.append(nn.BatchNorm1d(d_out, affine=False))
-    return nn.Sequential(*layers)
-
-
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, offset: int = 0) -> torch.Tensor:
     """MoCo-v3 ``contrastive_loss``: 2 tau * CE(normalize(q) @ normalize(k).T / tau, labels = offset + arange(N)).
 
@@ -70,31 +55,6 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, offset: int =
     logits = q @ k.T / temperature
     labels = torch.arange(q.shape[0], device=q.device) + offset
     return F.cross_entropy(logits, labels) * (2.0 * temperature)
-
-
-class MoCoBase(nn.Module):
-    """Base encoder + predictor: ``forward(images) -> q [N, dim]``."""
-
-    def __init__(self, backbone: nn.Module, cfg: MoCoV3Config) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = build_mlp(3, embed_dim_of(backbone), cfg.mlp_dim, cfg.dim)
-        self.predictor = build_mlp(2, cfg.dim, cfg.mlp_dim, cfg.dim)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.predictor(self.head(self.backbone(images)))
-
-
-class MoCoMomentum(nn.Module):
-    """Momentum encoder: ``forward(images) -> k [N, dim]``."""
-
-    def __init__(self, backbone: nn.Module, cfg: MoCoV3Config) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = build_mlp(3, embed_dim_of(backbone), cfg.mlp_dim, cfg.dim)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
 
 
 @METHODS.register("mocov3")
@@ -115,8 +75,8 @@ class MoCoV3(PretrainMethod):
             raise ConfigError(f"MoCo-v3 is a two-view method: set crops.global_crops=2 (got {crops.global_crops})")
         if c.temperature <= 0:
             raise ConfigError(f"Expected method.temperature > 0, but got {c.temperature}")
-        self.online = MoCoBase(backbone_factory(c.drop_path_rate), c)
-        self.target = MoCoMomentum(backbone_factory(0.0), c)
+        # base encoder (+ predictor) and momentum encoder, projectors and predictor MLPs (models/networks.py)
+        self.online, self.target = build_networks(self.name, c, backbone_factory)
         self.configure_backbone()
         self.init_target_from_online()
 

@@ -5,6 +5,7 @@ Online network: backbone -> DINO projection head -> probabilistic predictor givi
 momentum schedule 0.9 -> 1, released code ``--momentum_target``); its output on the global views is centred
 by an EMA of its batch mean. r reparameterised samples z = mu + sigma * eps per online view are scored against
 each target view with a proper scoring rule (``losses.py``), averaged over (online view, target view) pairs.
+The two networks are defined with the models (``models/networks.py``), which rebuild them from a checkpoint.
 
 Differences from the released code (``amirvhd/SSL-sore-rule``), which PROTOCOLS.md lists as bugs: the target is
 its own backbone (the code wraps the online backbone, which ties the two); the centre is updated with the raw
@@ -18,13 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from ... import distributed
+from ...models.networks import build_networks
 from ..config import ConfigError, MultiCropConfig
-from ..heads import DINOHead, ProbabilisticPredictor
 from ..losses import DISTANCES, multiview_energy_score, multiview_kernel_score
-from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress, embed_dim_of
+from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, PretrainMethod, Progress
 
 
 @dataclass(frozen=True)
@@ -53,54 +53,6 @@ class ProSMinConfig(MethodConfig):
     include_same_view: bool = True  # released code scores a global view against itself too (DINO does not)
 
 
-class ProSMinOnline(nn.Module):
-    """Online network. ``forward(images [N, 3, H, W]) -> (mu [N, K], sigma [N, K])``; ``forward_views`` runs a
-    list of multi-crop views (consecutive views of equal size share one backbone pass, as DINO's
-    MultiCropWrapper) and returns ``(mu, sigma)`` stacked over views, [V * N, K]."""
-
-    def __init__(self, backbone: nn.Module, cfg: ProSMinConfig) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = build_head(embed_dim_of(backbone), cfg)
-        self.predictor = ProbabilisticPredictor(cfg.out_dim, cfg.predictor_hidden_dim,
-                                                normalize=cfg.predictor_normalize)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.predictor(self.head(self.backbone(images)))
-
-    def forward_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.predictor(self.head(multicrop_features(self.backbone, views)))
-
-
-class ProSMinTarget(nn.Module):
-    """Target network: backbone -> projection head. ``forward_views(views) -> [V * N, K]``."""
-
-    def __init__(self, backbone: nn.Module, cfg: ProSMinConfig) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = build_head(embed_dim_of(backbone), cfg)
-
-    def forward_views(self, views: list[torch.Tensor]) -> torch.Tensor:
-        return self.head(multicrop_features(self.backbone, views))
-
-
-def build_head(embed_dim: int, cfg: ProSMinConfig) -> DINOHead:
-    return DINOHead(embed_dim, cfg.out_dim, hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim,
-                    nlayers=cfg.head_nlayers, use_bn=cfg.head_use_bn, norm_last_layer=cfg.norm_last_layer)
-
-
-def multicrop_features(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-    """Backbone features of a list of views [b, 3, H_v, W_v] -> [V * b, E], one pass per run of equal sizes."""
-    out, start = [], 0
-    while start < len(views):
-        end = start + 1
-        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-            end += 1
-        out.append(backbone(torch.cat(views[start:end])))
-        start = end
-    return torch.cat(out)
-
-
 @METHODS.register("prosmin")
 class ProSMin(PretrainMethod):
     """ProSMin (see the module docstring). Logs: ``s1``, ``s2`` (the score's two parts, loss = lam * s1 +
@@ -121,8 +73,8 @@ class ProSMin(PretrainMethod):
             raise ConfigError(f"Expected method.n_samples >= 2 (the unbiased estimate needs two), got {c.n_samples}")
         if not c.include_same_view and crops.n_views < 2:
             raise ConfigError("method.include_same_view=false leaves no pairs with a single view; add crops")
-        self.online = ProSMinOnline(backbone_factory(c.drop_path_rate), c)
-        self.target = ProSMinTarget(backbone_factory(0.0), c)  # DINO/released code: no drop path in the target
+        # online: backbone -> DINO head -> probabilistic predictor; target: backbone -> DINO head (models/networks.py)
+        self.online, self.target = build_networks(self.name, c, backbone_factory)
         self.configure_backbone()
         self.init_target_from_online()
         self.register_buffer("center", torch.zeros(1, c.out_dim))
@@ -140,9 +92,6 @@ class ProSMin(PretrainMethod):
             raise RuntimeError(f"expected ProSMin extra state {{'center'}}, got {sorted(state)}")
         with torch.no_grad():
             self.center.copy_(state["center"])
-
-    def predictive_module(self) -> nn.Module:
-        return self.online
 
     def forward(self, batch: MultiCropBatch, progress: Progress) -> tuple[torch.Tensor, dict[str, Any]]:
         c = self.config

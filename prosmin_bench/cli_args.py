@@ -1,0 +1,150 @@
+"""The command line's grammar: argument types that refuse bad values at parse time, and the parser itself.
+
+``cli.py`` holds what each command does; this module only says what each one accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .record_schema import MAX_SEED, seeds_problem
+
+#: First line of ``prosmin-bench --help``.
+DESCRIPTION = "Command line: thin; every subcommand fills a typed options object and makes one library call."
+
+EXAMPLES = """examples:
+  prosmin-bench run                                    # the mini suite: pretrain missing micro models, evaluate, leaderboard
+  prosmin-bench run --model random_micro --task digits_knn --task digits_linear
+  prosmin-bench run --model prosmin_vits16 --task imagenet_c --data-root /data
+  prosmin-bench run --suite imagenet --model dino_vits16 --model ibot_vits16 --weights-dir /ckpts
+  torchrun --nproc_per_node=8 -m prosmin_bench run --suite imagenet --model dino_vits16 --data-root /data --precision bf16
+  prosmin-bench list models | tasks
+  prosmin-bench pretrain --recipe prosmin_micro [--epochs N] [--out DIR]
+  torchrun --nproc_per_node=8 -m prosmin_bench pretrain --recipe prosmin_vits16_in1k --data-root /data
+  prosmin-bench leaderboard                            # your runs ($PROSMIN_BENCH_HOME/results)
+  prosmin-bench leaderboard --results leaderboards/results --out leaderboards   # the committed pages + figures/
+  prosmin-bench data check --data-root /data
+"""
+
+
+def int_in(low: int, high: int, what: str):
+    """An argparse ``type=``: an integer in [low, high]. A value out of range is a usage error at parse time, not an
+    error record for every (model, task) pair after the models have loaded."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected at most {high}, got {value}")
+        return value
+
+    return parse
+
+
+# Upper bounds catch typos (an extra digit or three) before they turn into an out-of-memory failure mid-run.
+positive_batch = int_in(1, 1 << 16, "a positive integer")
+non_negative_workers = int_in(0, 1024, "a non-negative integer")
+positive_workers = int_in(1, 1024, "a positive integer")
+positive_epochs = int_in(1, 1_000_000, "a positive integer")
+severity = int_in(1, 5, "a severity from 1 to 5")
+
+#: --max-memory bounds: below 1 MiB no k-NN block fits; 1 PiB is beyond any machine.
+MEMORY_RANGE = (1 << 20, 1 << 50)
+
+
+def parse_memory(text: str) -> int:
+    """``--max-memory``: bytes from a size like ``16G``, ``512M`` or ``1073741824``."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    expected = "expected a size from 1M to 1P like 16G, 512M or 1073741824"
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not MEMORY_RANGE[0] <= value <= MEMORY_RANGE[1]:  # also nan and inf, which fail both comparisons
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+    return int(value)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: distinct integers separated by commas or spaces."""
+    expected = f"expected distinct integer seeds from 0 to {MAX_SEED} like '0,1,2'"
+    try:
+        seeds = tuple(int(s) for s in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{expected}, but got {text!r}") from None
+    problem = seeds_problem(seeds)
+    if problem is not None:  # a repeated seed would be counted twice in the mean and the std
+        raise argparse.ArgumentTypeError(f"{expected}, but got {text!r}: {problem}")
+    return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prosmin-bench", description=DESCRIPTION,
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--cards", action="append", default=[], metavar="DIR", help="extra folder of task/model cards")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command")
+
+    r = sub.add_parser("run", help="evaluate models on tasks (default: the mini suite)", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--model", action="append", default=[], help="model name (repeatable)")
+    r.add_argument("--task", action="append", default=[], help="task name (repeatable)")
+    r.add_argument("--suite", choices=["mini", "imagenet"], help="all tasks (and, without --model, all models) of a suite")
+    r.add_argument("--seeds", type=parse_seeds, default=None, help="seeds, e.g. 0,1,2 (default 0,1,2 for the mini suite, else 0)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="feature extraction autocast")
+    r.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of cached features (float16 halves the cache of ImageNet-size banks)")
+    r.add_argument("--data-hash", choices=["stat", "content"], default="stat",
+                   help="how image files enter the feature cache key: stat (path, size, mtime; no image read) or "
+                        "content (sha256 of every file; reads the whole dataset)")
+    r.add_argument("--batch-size", type=positive_batch, default=256)
+    r.add_argument("--num-workers", type=non_negative_workers, default=None, help="data loader workers (default: from the machine)")
+    r.add_argument("--max-memory", type=parse_memory, default="1G", help="working memory for k-NN blocks, e.g. 4G")
+    r.add_argument("--data-root", type=Path, default=None, help="ImageNet-scale data root (see `data check`)")
+    r.add_argument("--weights", default=None, help="checkpoint path for the one --model")
+    r.add_argument("--weights-dir", default=None, help="folder searched first for official weights")
+    r.add_argument("--results", type=Path, default=None,
+                   help="results folder (default $PROSMIN_BENCH_HOME/results, i.e. ~/.cache/prosmin-bench/results; "
+                        "the committed records are rewritten only with --results leaderboards/results)")
+    r.add_argument("--overwrite", action="store_true", help="recompute records that exist")
+    r.add_argument("--no-pretrain", action="store_true", help="do not pretrain missing micro models")
+    r.add_argument("--leaderboard", type=Path, default=None, metavar="FILE.md|DIR",
+                   help="also write the leaderboard: one markdown file, or suite pages + figures into DIR")
+
+    ls = sub.add_parser("list", help="list models or tasks")
+    ls.add_argument("what", choices=["models", "tasks", "recipes", "datasets"])
+
+    pt = sub.add_parser("pretrain", help="pretrain a recipe (ProSMin, DINO, iBOT, MoCo-v3)")
+    pt.add_argument("--recipe", required=True)
+    pt.add_argument("--epochs", type=positive_epochs, default=None)
+    pt.add_argument("--out", type=Path, default=None)
+    pt.add_argument("--resume", action="store_true")
+    pt.add_argument("--device", default="auto")
+    pt.add_argument("--data-root", type=Path, default=None)
+    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+
+    lb = sub.add_parser("leaderboard", help="render the leaderboard markdown from result files")
+    lb.add_argument("--results", type=Path, default=None,
+                    help="results folder (default $PROSMIN_BENCH_HOME/results; the committed ones: leaderboards/results)")
+    lb.add_argument("--out", type=Path, default=None, metavar="FILE.md|DIR",
+                    help="a markdown file, or a folder for mini.md / imagenet.md and their figures (e.g. leaderboards)")
+    lb.add_argument("--suite", choices=["mini", "imagenet"], default=None)
+
+    d = sub.add_parser("data", help="check data or build ImageNet-C")
+    dsub = d.add_subparsers(dest="data_command")
+    dc = dsub.add_parser("check", help="what is present, missing, and how to get it")
+    dc.add_argument("--data-root", type=Path, default=None)
+    mc = dsub.add_parser("make-imagenet-c", help="build ImageNet-C from ImageNet val with the reference corruptions")
+    mc.add_argument("--data-root", type=Path, required=True)
+    mc.add_argument("--workers", type=positive_workers, default=None)
+    mc.add_argument("--corruption", action="append", default=[])
+    mc.add_argument("--severity", action="append", type=severity, default=[])
+    return p

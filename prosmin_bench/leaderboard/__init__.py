@@ -1,0 +1,31 @@
+"""Leaderboards: markdown pages (and PNG plots) rendered from the result files alone, never edited by hand.
+
+``render(results_dir, suite)`` reads ``<results>/<model>/<task>.json`` and returns one suite's page:
+
+* a summary table measured by this suite: one row per model, the main score of every task (mean ± sample std
+  over seeds), ``task@version`` headers, rows sorted by mean rank;
+* numbers reported in papers (``prosmin_bench.reported``: model cards and PROTOCOLS.md's tables) in their own
+  tables, next to the measured ones and never mixed into them;
+* a section per task family (knn, linear, lowshot, semisup, ood, corruption, transfer, collapse, then any other
+  kind) with every metric of every task and links to the plots (``prosmin_bench.plots``). Metrics only some models
+  can have (a ``group`` in ``prosmin_bench.metrics.metric_info``: scores from ProSMin's predictive distribution,
+  collapse of the projector outputs) get their own table under the task's table, with rows for the models that
+  report them and a line saying what they are;
+* stale results (older task versions: never aggregated with the newest), failed runs (error records) and
+  unreadable files (listed and ignored).
+
+A model is marked ``‡`` when it was pretrained on data the task evaluates on (not comparable to the other rows)
+and ``†`` when it was pretrained on another split of an evaluation dataset, typically its train split (the
+standard self-supervised protocol, so a note only); see :func:`board.pretraining_overlap`.
+
+The work is split by job: :mod:`.board` (records -> each task's newest version, families, ranks), :mod:`.format`
+(numbers, units, mean ± std, marks), :mod:`.sections` (the measured and reported tables, the lists of what is not
+tabulated) and :mod:`.pages` (a suite's page, and writing pages and figures).
+
+>>> render("/nonexistent/results").splitlines()[1:3]
+['# prosmin-bench leaderboard', '']
+"""
+
+from .pages import SUITES, check_destination, render, summary, write, write_suite_pages
+
+__all__ = ["SUITES", "check_destination", "render", "summary", "write", "write_suite_pages"]

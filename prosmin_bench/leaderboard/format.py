@@ -1,0 +1,104 @@
+"""How a page shows things: numbers in a column's unit, mean ± std, headers with the better direction, model marks
+and markdown tables. The facts behind units and directions come from ``prosmin_bench.metrics.metric_info``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from tabulate import tabulate
+
+from ..metrics import metric_info
+from ..metrics.info import FRACTION, PERCENT
+
+MARK_EVAL = "‡"
+MARK_TRAIN = "†"
+LEGEND = (f"{MARK_EVAL}: pretrained on data the task evaluates on (not comparable). {MARK_TRAIN}: pretrained on "
+          "another split (the train split) of an evaluation dataset, without labels: the standard self-supervised "
+          "protocol.")
+
+
+def finite(x: Any) -> bool:
+    """True for a real, finite number (not a bool, not NaN or infinite)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def fmt(value: float | None, unit: str = "raw") -> str:
+    """A number in a column's unit: ``"rate"`` (a fraction, shown x 100 with 2 decimals), ``"percent"`` (already in
+    percent, 2 decimals) or ``"raw"`` (3 decimals); an em dash when missing or not finite.
+
+    >>> fmt(0.48611, "rate"), fmt(66.5, "percent"), fmt(2.31678), fmt(float("nan"), "rate")
+    ('48.61', '66.50', '2.317', '—')
+    """
+    if not finite(value):
+        return "—"
+    if unit == "rate":
+        return f"{100 * value:.2f}"
+    return f"{value:.2f}" if unit == "percent" else f"{value:.3f}"
+
+
+def fmt_mean_std(mean: float | None, std: float | None, n_seeds: int, unit: str = "raw") -> str:
+    """``mean ± std`` over seeds (the std is shown whenever there are two seeds or more, even when it is 0).
+
+    >>> fmt_mean_std(0.5153, 0.0255, 2, "rate"), fmt_mean_std(0.5153, 0.0, 1, "rate")
+    ('51.53 ± 2.55', '51.53')
+    """
+    text = fmt(mean, unit)
+    if n_seeds > 1 and finite(mean) and finite(std):
+        text += f" ± {fmt(std, unit)}"
+    return text
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders the numbers inside names by value (``top1_k10`` before ``top1_k100``)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def arrow(metric: str) -> str:
+    """``↑`` or ``↓`` for the better direction; "" for a value the protocol chose or counted (``lr``)."""
+    info = metric_info(metric)
+    if not info.score:
+        return ""
+    return "↑" if info.higher_is_better else "↓"
+
+
+def column_unit(metric: str, values: Iterable[float]) -> str:
+    """How a column is shown: ``"rate"`` (x 100) when the metric is a rate and every value of the column is a
+    fraction in [0, 1], ``"percent"`` for metrics recorded in percent (mCE), else ``"raw"``.
+
+    >>> column_unit("top1", [0.5, 1.0]), column_unit("top1", [75.0]), column_unit("mce", [66.1])
+    ('rate', 'raw', 'percent')
+    """
+    unit = metric_info(metric).unit
+    if unit == FRACTION and all(0.0 <= v <= 1.0 for v in values if finite(v)):
+        return "rate"
+    return "percent" if unit == PERCENT else "raw"
+
+
+def header(metric: str, unit: str) -> str:
+    return f"{metric}{' (%)' if unit in ('rate', 'percent') else ''} {arrow(metric)}".rstrip()
+
+
+def cell(text: str) -> str:
+    # A pipe would end the markdown table cell.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    return tabulate([[cell(c) for c in r] for r in rows], [cell(h) for h in headers], tablefmt="github",
+                    disable_numparse=True)
+
+
+def ref_text(ref: Any) -> str:
+    """A dataset reference as text: a name as is, a source table as sorted JSON."""
+    if isinstance(ref, str):
+        return ref
+    return json.dumps(ref, sort_keys=True)
+
+
+def model_cell(model: str, overlap: str) -> str:
+    """The model's name with the mark of its pretraining overlap (``"eval"``, ``"train"`` or ``""``)."""
+    return model + {"eval": f" {MARK_EVAL}", "train": f" {MARK_TRAIN}", "": ""}[overlap]

@@ -1,0 +1,287 @@
+"""What the probe kinds share: the held-out split, the cached linear head (trained here, reused by the OOD and
+corruption tasks through ``head_task``), the labelled subset, classification metrics and the predictive sigma.
+
+The linear head (DINO ``eval_linear.py``, PROTOCOLS.md "Linear"): one linear layer, weights N(0, 0.01), zero bias;
+SGD with momentum, cosine schedule, lr scaled by batch / 256; the lr is chosen on a stratified held-out part of the
+training split (never the test set), then the head is retrained on the whole split and cached by content (the
+train features' key, the params, the seed and the class count). A task names another task's head with the
+protocol field ``head_task`` (e.g. ``"digits_linear"``): :func:`shared_linear_head` gives the head that task
+trains, with its train set, params, seed and class count rule, so it is trained exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import config
+from ..atomic import atomic_path
+from ..data.base import DatasetRef
+from ..data.subsets import LabelledSubset, resolve_split_file, stratified_subset, subset_from_split_file
+from ..errors import CardError, DataError
+from ..metrics import accuracy, expected_calibration_error, negative_log_likelihood, reliability_bins
+from ..paths import inside
+from .base import TASK_KINDS, TaskContext, TaskSpec, get_task_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearParams:
+    layer: str = "cls_last4"  # DINO ViT-S: concat of the last 4 blocks' final-norm CLS tokens
+    epochs: int = 100  # DINO eval_linear.py
+    batch_size: int = 1024  # DINO: 1024 total
+    base_lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)  # per batch 256; DINO default 0.001, swept on held-out
+    momentum: float = 0.9  # DINO eval_linear.py
+    weight_decay: float = 0.0  # DINO eval_linear.py
+    val_fraction: float = 0.1  # held-out part of train for choosing the lr (never the test set)
+    n_bins: int = 15  # ECE bins (Guo et al. 2017)
+    max_train_samples: int = 0  # 0 = all; caps the train features used (for quick runs)
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, val): ``fraction`` of each class (at least one when the class has two or more) held out."""
+    rng = np.random.default_rng(seed)
+    fit, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val.append(idx[:n_val])
+        fit.append(idx[n_val:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _rows(x: Any, idx: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Rows of a (possibly memory-mapped) feature matrix as float32 on ``device``; copies only the batch."""
+    if isinstance(x, torch.Tensor):
+        return x[idx].float().to(device)
+    idx = np.sort(np.asarray(idx))
+    return torch.from_numpy(np.asarray(x[idx], dtype=np.float32)).to(device)
+
+
+def train_linear_head(features: Any, labels: np.ndarray, num_classes: int, *, lr: float, epochs: int,
+                      batch_size: int, momentum: float, weight_decay: float, seed: int,
+                      device: torch.device | str = "cpu") -> torch.nn.Linear:
+    """Train a linear head on features [N, D] -> logits [N, C] with SGD + cosine schedule; returns it on CPU."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    d = int(features.shape[1])
+    head = torch.nn.Linear(d, num_classes)
+    with torch.no_grad():  # DINO LinearClassifier init
+        head.weight.normal_(0.0, 0.01, generator=gen)
+        head.bias.zero_()
+    head = head.to(device)
+    y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    n = len(y_all)
+    bs = min(batch_size, n)
+    steps_per_epoch = (n + bs - 1) // bs
+    scaled = lr * bs / 256.0  # linear scaling rule (Goyal et al.), as DINO
+    opt = torch.optim.SGD(head.parameters(), lr=scaled, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps_per_epoch, 1), eta_min=0)
+    # Small banks live on the device whole; large ones are read batch by batch from the (memory-mapped) cache.
+    whole = n * d * 4 <= 512 * 2**20
+    x_dev = _rows(features, np.arange(n), device) if whole else None
+    y_dev = y_all.to(device)
+    for _ in range(epochs):
+        for idx in _batches(n, bs, gen):
+            xb = x_dev[idx.to(device)] if x_dev is not None else _rows(features, idx.numpy(), device)
+            yb = y_dev[idx.to(device)] if x_dev is not None else y_all[np.sort(idx.numpy())].to(device)
+            loss = F.cross_entropy(head(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return head.cpu().eval()
+
+
+def predict_logits(head: torch.nn.Linear, features: Any, batch_size: int = 65536) -> np.ndarray:
+    """Logits [N, C] of a linear head on features [N, D], in batches (works on memory-mapped banks)."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, int(features.shape[0]), batch_size):
+            # np.array copies the batch: a read-only memmap view would make torch warn on every call
+            out.append(head(torch.from_numpy(np.array(features[s : s + batch_size], dtype=np.float32))).numpy())
+    return np.concatenate(out) if out else np.zeros((0, head.out_features), dtype=np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+
+
+@dataclass
+class LinearHead:
+    head: torch.nn.Linear
+    layer: str
+    lr: float
+    val_top1: float
+    num_classes: int
+
+    def logits(self, features: Any) -> np.ndarray:
+        return predict_logits(self.head, features)
+
+
+def _head_key(train_key: str, params: LinearParams, seed: int, num_classes: int) -> str:
+    blob = json.dumps({"train": train_key, "params": asdict(params), "seed": seed, "c": num_classes, "v": 1},
+                      sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fit_linear_probe(ctx: TaskContext, train_ref: DatasetRef, params: LinearParams,
+                     num_classes: int | None = None) -> LinearHead:
+    """The linear head for (model, train set, params, seed): from the head cache, or trained with the lr chosen
+    on a held-out part of the training split."""
+    train = ctx.features(train_ref, params.layer)
+    x, y = train.features, np.asarray(train.labels)
+    if params.max_train_samples and len(y) > params.max_train_samples:
+        keep = np.sort(ctx.rng(7).choice(len(y), params.max_train_samples, replace=False))
+        x, y = x[keep], y[keep]
+    c = num_classes or int(y.max()) + 1
+    key = _head_key(train.key + f"|n={len(y)}", params, ctx.seed, c)
+    path = inside(config.heads_dir(), key[:2], f"{key}.pt", what="probe head")
+    if path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            head = torch.nn.Linear(blob["weight"].shape[1], blob["weight"].shape[0])
+            head.load_state_dict({"weight": blob["weight"], "bias": blob["bias"]}, strict=True)
+            return LinearHead(head.eval(), params.layer, float(blob["lr"]), float(blob["val_top1"]), c)
+        except Exception as exc:  # a damaged cache entry is recomputed, never trusted
+            log.warning("ignoring unreadable head cache %s (%s)", path, exc)
+    fit_idx, val_idx = stratified_holdout(y, params.val_fraction, ctx.seed)
+    x_fit, x_val = np.asarray(x[fit_idx], dtype=np.float32), np.asarray(x[val_idx], dtype=np.float32)
+    best = (-1.0, np.inf, params.base_lrs[0])
+    for lr in params.base_lrs:
+        head = train_linear_head(x_fit, y[fit_idx], c, lr=lr, epochs=params.epochs, batch_size=params.batch_size,
+                                 momentum=params.momentum, weight_decay=params.weight_decay, seed=ctx.seed,
+                                 device=ctx.device)
+        logits = predict_logits(head, x_val)
+        top1 = float((logits.argmax(1) == y[val_idx]).mean()) if len(val_idx) else 0.0
+        nll = float(F.cross_entropy(torch.as_tensor(logits), torch.as_tensor(y[val_idx])).item()) if len(val_idx) else 0.0
+        if (top1, -nll) > (best[0], -best[1]):
+            best = (top1, nll, lr)
+    val_top1, _, lr = best
+    head = train_linear_head(x, y, c, lr=lr, epochs=params.epochs, batch_size=params.batch_size,
+                             momentum=params.momentum, weight_decay=params.weight_decay, seed=ctx.seed,
+                             device=ctx.device)
+    with atomic_path(path) as tmp:
+        torch.save({"weight": head.weight.detach(), "bias": head.bias.detach(), "lr": lr, "val_top1": val_top1}, tmp)
+    return LinearHead(head, params.layer, lr, val_top1, c)
+
+
+@dataclass
+class SharedHead:
+    """A linear task's head and what it was trained with."""
+
+    head: LinearHead
+    task: TaskSpec
+    params: LinearParams
+    num_classes: int
+
+    @property
+    def layer(self) -> str:
+        return self.params.layer
+
+
+def linear_task_spec(name: str, card: str) -> tuple[TaskSpec, LinearParams]:
+    """The ``linear`` task ``name`` and its parsed params; CardError (naming ``card``) if it is another kind."""
+    spec = get_task_spec(name)
+    if spec.kind != "linear":
+        raise CardError(
+            f"Card {card!r}: protocol field 'head_task' must name a task of kind 'linear', but {name!r} is "
+            f"{spec.kind!r}"
+        )
+    return spec, TASK_KINDS.get("linear").parse_params(spec)
+
+
+def shared_linear_head(ctx: TaskContext, head_task: str, *, card: str, train_ref: DatasetRef | None = None,
+                       test_ref: DatasetRef | None = None) -> SharedHead:
+    """The head of linear task ``head_task`` for this model and seed.
+
+    ``train_ref`` / ``test_ref``, when given (the calling card's own ``train`` / ``test``), must equal the linear
+    task's: a head trained on another set would make the numbers mean something else.
+    """
+    spec, params = linear_task_spec(head_task, card)
+    for role, ref in (("train", train_ref), ("test", test_ref)):
+        if ref is not None and ref != spec.refs[role]:
+            raise CardError(
+                f"Card {card!r}: datasets.{role} is {ref.raw!r}, but its head_task {head_task!r} uses "
+                f"{spec.datasets[role]!r}; they must be the same set"
+            )
+    train_labels = np.asarray(ctx.features(spec.refs["train"], params.layer).labels)
+    test_labels = np.asarray(ctx.features(spec.refs["test"], params.layer).labels)
+    # The class count rule of LinearTask.run, so the head (cached by class count) is the very same one.
+    c = int(max(train_labels.max(), test_labels.max())) + 1
+    head = fit_linear_probe(ctx, spec.refs["train"], params, c)
+    return SharedHead(head, spec, params, c)
+
+
+def labelled_subset(ctx: TaskContext, train_ref: DatasetRef, labels: np.ndarray, subset_file: str, fraction: float,
+                    card: str) -> LabelledSubset:
+    """The labelled subset of the training set: from a SimCLR split file, else stratified with the seed."""
+    if subset_file:
+        ds = ctx.dataset(train_ref)
+        if not hasattr(ds, "paths"):
+            raise DataError(
+                f"Card {card!r}: subset_file needs a train set read from image files (e.g. imagenet:train), but "
+                f"{train_ref.raw!r} is not; use `fraction` instead"
+            )
+        return subset_from_split_file(ds.paths, np.asarray(ds.labels), ds.class_names,
+                                      resolve_split_file(subset_file, ctx.data_root), root=getattr(ds, "root", None))
+    return stratified_subset(labels, fraction, ctx.seed)
+
+
+def check_subset_params(spec: Any, subset_file: str, fraction: float) -> None:
+    if bool(subset_file) == (fraction > 0):
+        raise CardError(f"Card {spec.card!r}: set exactly one of protocol fields 'subset_file' and 'fraction'")
+    if fraction and not 0 < fraction < 1:
+        raise CardError(f"Card {spec.card!r}: protocol field 'fraction' must be in (0, 1), got {fraction}")
+
+
+def reliability_extras(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, list[float]]:
+    """The record's ``reliability`` extras: the bins of the ECE it records (``metrics.reliability_bins``, the same
+    edges), as JSON lists of per-bin mean confidence, accuracy (NaN when empty) and count."""
+    bins = reliability_bins(probs, labels, n_bins)
+    return {"confidence": [float(c) for c in bins["confidence"]], "accuracy": [float(a) for a in bins["accuracy"]],
+            "count": [int(n) for n in bins["count"]]}
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15, prefix: str = "") -> dict[str, float]:
+    out = {
+        f"{prefix}top1": accuracy(probs, labels),
+        f"{prefix}nll": negative_log_likelihood(probs, labels),
+        f"{prefix}ece": expected_calibration_error(probs, labels, n_bins=n_bins),
+    }
+    if probs.shape[1] >= 5:
+        out[f"{prefix}top5"] = accuracy(probs, labels, k=5)
+    return out
+
+
+def row_chunks(n: int, rows: np.ndarray | None, chunk: int) -> list[Any]:
+    """Row selections of ``chunk`` rows each: slices of range(n), or pieces of the sorted index array ``rows``."""
+    if rows is None:
+        return [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    return [rows[s : s + chunk] for s in range(0, len(rows), chunk)]
+
+
+def mean_sigma(sigma: Any, rows: np.ndarray | None = None) -> np.ndarray:
+    """Per-sample mean predictive sigma over K: sigma [N, K] (possibly memory-mapped; only ``rows``, sorted, when
+    given) -> [N or len(rows)] float64, read in chunks."""
+    parts = [np.asarray(sigma[sel], dtype=np.float64).mean(axis=1)
+             for sel in row_chunks(int(sigma.shape[0]), rows, 4096)]
+    return np.concatenate(parts) if parts else np.zeros(0)
