@@ -84,6 +84,16 @@ def _safe_pow(d: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, d, torch.ones_like(d)).pow(beta), torch.zeros_like(d))
 
 
+def _scored_pairs(samples: torch.Tensor, targets: torch.Tensor,
+                  pairs: torch.Tensor | Sequence[tuple[int, int]] | None) -> tuple[torch.Tensor, int]:
+    """The [V, T] mask of (online view, target view) pairs to score and its count (at least one)."""
+    mask = _pair_mask(samples.shape[0], targets.shape[0], pairs, samples.device)
+    n_pairs = int(mask.sum())
+    if n_pairs == 0:
+        raise LossArgumentError("Expected at least one (online view, target view) pair to score, but got none")
+    return mask, n_pairs
+
+
 def _pair_mask(V: int, T: int, pairs: torch.Tensor | Sequence[tuple[int, int]] | None,
                device: torch.device) -> torch.Tensor:
     if pairs is None:
@@ -121,10 +131,7 @@ def multiview_energy_score(
         raise LossArgumentError(f"Expected distance 'l2' or 'l1', but got {distance!r}")
     V, r, N, D = samples.shape
     T = targets.shape[0]
-    mask = _pair_mask(V, T, pairs, samples.device)
-    n_pairs = int(mask.sum())
-    if n_pairs == 0:
-        raise LossArgumentError("Expected at least one (online view, target view) pair to score, but got none")
+    mask, n_pairs = _scored_pairs(samples, targets, pairs)
     to_target, between = _distances(samples, targets, p=1.0 if distance == "l1" else 2.0)
     if distance == "l1":  # mean absolute difference over D, as F.l1_loss in the released code
         to_target, between = to_target / D, between / D
@@ -175,10 +182,7 @@ def multiview_kernel_score(
         raise LossArgumentError(f"Expected a positive kernel bandwidth gamma, but got {gamma}")
     V, r, N, D = samples.shape
     T = targets.shape[0]
-    mask = _pair_mask(V, T, pairs, samples.device)
-    n_pairs = int(mask.sum())
-    if n_pairs == 0:
-        raise LossArgumentError("Expected at least one (online view, target view) pair to score, but got none")
+    mask, n_pairs = _scored_pairs(samples, targets, pairs)
     to_target, between = _distances(samples, targets, p=2.0)
     scale = 1.0 / (2.0 * float(gamma) ** 2)
     k_target = torch.exp(-to_target.pow(2) * scale)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -49,17 +49,18 @@ class SampleRNG:
     def randn(self, shape: Sequence[int], *, stream: str, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal draws, [b, *shape]; row n depends only on (seed, epoch, indices[n], stream)."""
-        device = torch.device(device)
-        gens = self._generators(stream, device)
-        if not gens:
-            return torch.empty((0, *shape), device=device, dtype=dtype)
-        return torch.stack([torch.randn(tuple(shape), generator=g, device=device, dtype=dtype) for g in gens])
+        return self._draw(torch.randn, shape, stream, device, dtype)
 
     def rand(self, shape: Sequence[int], *, stream: str, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Uniform [0, 1) draws, [b, *shape]; row n depends only on (seed, epoch, indices[n], stream)."""
+        return self._draw(torch.rand, shape, stream, device, dtype)
+
+    def _draw(self, sample: Callable[..., torch.Tensor], shape: Sequence[int], stream: str, device: torch.device | str,
+              dtype: torch.dtype) -> torch.Tensor:
+        """``sample(shape, generator=...)`` once per image, stacked to [b, *shape]."""
         device = torch.device(device)
         gens = self._generators(stream, device)
         if not gens:
             return torch.empty((0, *shape), device=device, dtype=dtype)
-        return torch.stack([torch.rand(tuple(shape), generator=g, device=device, dtype=dtype) for g in gens])
+        return torch.stack([sample(tuple(shape), generator=g, device=device, dtype=dtype) for g in gens])
