@@ -61,8 +61,20 @@ def git_commit() -> str | None:
     return (sha + ("+dirty" if dirty else "")) if sha else None
 
 
+class _JSONRecord:
+    """The JSON round trip both record types share (fields a newer writer added are ignored on read)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class ResultRecord:
+class ResultRecord(_JSONRecord):
     """The result of one task on one model over one or more seeds (sample std over seeds, ddof = 1)."""
 
     model: str
@@ -113,17 +125,9 @@ class ResultRecord:
     def main_value(self) -> float:
         return self.mean.get(self.main_score, float("nan"))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ResultRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 @dataclass
-class ErrorRecord:
+class ErrorRecord(_JSONRecord):
     """A (model, task) that failed: what went wrong, so the leaderboard can show it and a re-run retries it."""
 
     model: str
@@ -137,14 +141,6 @@ class ErrorRecord:
     timestamp_utc: str = ""
     schema_version: int = SCHEMA_VERSION
     record_type: str = "error"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ErrorRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 Record = ResultRecord | ErrorRecord

@@ -88,7 +88,7 @@ def test_records_from_before_run_config_count_as_fp32(toy, capsys):
     assert read_record(path).run_config["precision"] == "fp16"
 
 
-def test_committed_records_stay_reusable_by_a_default_run():
+def test_committed_records_count_as_made_with_the_default_settings():
     records, bad = scan(REPO / "leaderboards" / "results")
     assert records and bad == []
     path = REPO / "leaderboards" / "results" / "random_micro" / "digits_knn.json"
