@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import config
 from .models import get_model
 from .leaderboard.board import newest_versions
 from .models.zoo import list_model_names
@@ -31,8 +32,10 @@ def list_tasks(suite: str | None = None) -> list[str]:
     return list_task_names() if suite is None else suite_tasks(suite)
 
 
-def load_results(path: str | os.PathLike = "leaderboards/results") -> Any:
-    """A pandas DataFrame with one row per (model, task, metric, seed) from the result files under ``path``.
+def load_results(path: str | os.PathLike | None = None) -> Any:
+    """A pandas DataFrame with one row per (model, task, metric, seed) from the result files under ``path`` (default:
+    the folder ``run`` writes to, ``$PROSMIN_BENCH_HOME/results``; the committed records are
+    ``leaderboards/results`` of a checkout).
 
     Columns: model, task, task_version, task_kind, suite, metric, seed, value, main_score (True on the task's
     main metric), current (False for records of an older task version than the newest under ``path``: never
@@ -46,7 +49,7 @@ def load_results(path: str | os.PathLike = "leaderboards/results") -> Any:
     """
     import pandas as pd  # here, not at the top: it takes a second to import and nothing else needs it
 
-    records, _ = scan(Path(path))
+    records, _ = scan(Path(path) if path is not None else config.default_results_dir())
     results = [r for r in records if isinstance(r, ResultRecord)]
     newest = newest_versions(results)
     rows = []

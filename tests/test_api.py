@@ -148,3 +148,12 @@ def test_docstring_examples_run(module: str) -> None:
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_load_results_reads_the_folder_run_writes_to_by_default(_isolated_home):
+    """`run` writes to $PROSMIN_BENCH_HOME/results by default, so that is where load_results() looks."""
+    rec = ResultRecord(model="random_micro", task="digits_knn", task_version=1, task_kind="knn", suite="mini",
+                       main_score="top1_k20", weights_sha256="0" * 64, seeds=[0], per_seed={"0": {"top1_k20": 0.25}})
+    write_record(rec, _isolated_home / "results")
+    df = prosmin_bench.load_results()
+    assert df[["model", "task", "metric", "value"]].values.tolist() == [["random_micro", "digits_knn", "top1_k20", 0.25]]
