@@ -156,6 +156,11 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from a record's JSON (tuples as lists, numpy scalars as numbers, keys sorted)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+
+
 def dumps(record: Record) -> str:
     return json.dumps(record.to_dict(), indent=2, sort_keys=True, default=_json_default, allow_nan=True) + "\n"
 

@@ -36,7 +36,7 @@ from .paths import check_cache_writable, check_writable, record_path, safe_lock_
 from .record_schema import check_seeds
 from .results import (
     RUN_CONFIG_DEFAULTS, ErrorRecord, Record, ResultRecord, git_commit, read_record, utc_now, versions, write_record,
-    CorruptRecord, _json_default,
+    CorruptRecord, as_json,
 )
 from .settings import PRECISIONS, STORE_DTYPES, EvalSettings
 from .tasks import TaskSpec, build_task, get_task_spec
@@ -131,8 +131,8 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, net
         return None
     if not set(seeds) <= set(rec.seeds):
         return None
-    protocol = _plain(dict(vars(build_task(spec).params)))
-    if _plain(rec.protocol) != protocol:  # a user card edited without a version bump
+    protocol = as_json(dict(vars(build_task(spec).params)))
+    if as_json(rec.protocol) != protocol:  # a user card edited without a version bump
         log.info("%s was computed with protocol %s; recomputing with %s", path, rec.protocol, protocol)
         return None
     if source is not None:
@@ -141,11 +141,6 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, net
             log.info("%s: %s; recomputing it", path, changed)
             return None
     return rec
-
-
-def _plain(obj: Any) -> Any:
-    """``obj`` as it reads back from a record's JSON (tuples as lists, numpy scalars as numbers)."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
 
 
 def record_lock_path(results_dir: str | Path, path: Path) -> Path:
