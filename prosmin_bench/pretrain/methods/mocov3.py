@@ -10,8 +10,8 @@ processes, no gradient), temperature tau = 0.2 for ViTs (``moco/builder.py``, ``
 
 ViT specifics of the official recipe (``vits.py``, CONFIG.md ``--stop-grad-conv1``): a fixed 2-D sin-cos position
 embedding and a frozen (random) patch projection, both knobs here. The evaluated backbone of this suite's
-checkpoint is the momentum encoder's (the suite evaluates EMA targets); MoCo-v3's own ``main_lincls.py`` takes the
-base encoder, which the momentum schedule brings to the same weights by the end of training.
+checkpoint is the base (online) encoder, as MoCo-v3's own ``main_lincls.py`` and the official-weights converter take
+it (``models.converters``); the other methods are evaluated through their EMA target.
 """
 
 from __future__ import annotations
