@@ -22,9 +22,23 @@ log = logging.getLogger("prosmin_bench")
 # errors answer without loading the models, data and evaluation stack.
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was when main() ran: main() may run many
+    times in one process (tests, notebooks), and a handler bound to an earlier, since closed stderr would print
+    "--- Logging error ---" with a traceback for every library log line that follows."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property above always wins
+        pass
+
+
 def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("prosmin_bench")
     root.handlers[:] = [handler]

@@ -221,3 +221,20 @@ def test_readme_troubleshooting_is_docs_troubleshooting():
     section = section if nxt is None else section[: nxt.start() + 3]
     assert section.rstrip() == (REPO / "docs" / "troubleshooting.md").read_text().rstrip()
 
+
+
+def test_library_logs_after_main_go_to_the_current_stderr(monkeypatch):
+    """main() run earlier in the same process (a test, a notebook) must not leave the package's log handler bound to
+    a stderr that has since been closed: the next library log line would print "--- Logging error ---" and a
+    traceback instead of the message."""
+    import io
+    import logging
+
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    assert main(["list", "recipes"]) == 0
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    logging.getLogger("prosmin_bench.test").info("after main")
+    assert "after main" in second.getvalue() and "Logging error" not in second.getvalue()
