@@ -3,7 +3,7 @@ paper's tasks, with versioned results and generated leaderboards.
 
 Public API::
 
-    from prosmin_bench import evaluate, get_model, get_task, list_models, list_tasks, load_results
+    from prosmin_bench import Results, evaluate, get_model, get_task, list_models, list_tasks, load_results
     from prosmin_bench.metrics import expected_calibration_error, ood_metrics, mean_corruption_error
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["evaluate", "get_model", "get_task", "list_models", "list_tasks", "load_results", "__version__"]
+__all__ = ["Results", "evaluate", "get_model", "get_task", "list_models", "list_tasks", "load_results", "__version__"]
 
 
 def __getattr__(name: str):

@@ -88,19 +88,38 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _origin(origin: str) -> str:
+    """Where a card came from, for ``list``: ``built-in``, a shipped card relative to the checkout or package, or a
+    user card's full path."""
+    from pathlib import Path
+
+    path = Path(origin)
+    if path.suffix != ".toml":  # "built-in"
+        return origin
+    path, root = path.resolve(), Path(__file__).resolve().parent
+    for base in (root.parent, root / "_cards"):
+        if path.is_relative_to(base):
+            return str(path.relative_to(base))
+    return str(path)
+
+
 def cmd_list(a: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     if a.what == "models":
         from .models.zoo import catalogue
 
-        rows = [[n, s.arch, s.weights.kind, s.method, s.scale, s.description[:70]] for n, s in catalogue().items()]
-        sys.stdout.write(tabulate(rows, ["model", "arch", "weights", "method", "scale", "description"]) + "\n")
+        reg = catalogue()
+        rows = [[n, s.arch, s.weights.kind, s.method, s.scale, _origin(reg.origin(n)), s.description[:60]]
+                for n, s in reg.items()]
+        header = ["model", "arch", "weights", "method", "scale", "origin", "description"]
+        sys.stdout.write(tabulate(rows, header) + "\n")
     elif a.what == "tasks":
         from .tasks import catalogue
 
-        rows = [[n, s.kind, s.version, s.suite, s.main_score] for n, s in catalogue().items()]
-        sys.stdout.write(tabulate(rows, ["task", "kind", "version", "suite", "main score"]) + "\n")
+        reg = catalogue()
+        rows = [[n, s.kind, s.version, s.suite, s.main_score, _origin(reg.origin(n))] for n, s in reg.items()]
+        sys.stdout.write(tabulate(rows, ["task", "kind", "version", "suite", "main score", "origin"]) + "\n")
     elif a.what == "datasets":
         from .data import DATASETS
 

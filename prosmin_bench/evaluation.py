@@ -20,6 +20,7 @@ from .data import DatasetRef, resolve_dataset
 from .data.labels import align_labels, describe
 from .errors import ProsminBenchError, one_line
 from .features import extract
+from .record_samples import main_score_interval
 from .results import ResultRecord, git_commit, utc_now, versions
 from .settings import EvalSettings
 from .tasks import TaskContext, TaskSpec, build_task
@@ -148,13 +149,31 @@ def labels_source(spec: TaskSpec) -> Callable[[DatasetRef], DatasetRef | None]:
     return of
 
 
+def merge_selections(per_seed: Sequence[Any]) -> dict[str, dict[str, list[Any]]]:
+    """The record's ``extras["selection"]`` from each seed's ``{hparam: {"grid": [...], "chosen": v, "edge": bool}}``
+    (None for a seed without one): ``{hparam: {"grid": sorted union, "chosen": [per seed], "edge": [per seed]}}``,
+    None where a seed did not select that hyper-parameter."""
+    names = sorted({h for sel in per_seed if isinstance(sel, dict) for h in sel})
+    merged: dict[str, dict[str, list[Any]]] = {}
+    for h in names:
+        each = [sel.get(h) if isinstance(sel, dict) else None for sel in per_seed]
+        grid = sorted({float(v) for e in each if isinstance(e, dict) for v in e.get("grid", [])})
+        merged[h] = {"grid": grid, "chosen": [e.get("chosen") if isinstance(e, dict) else None for e in each],
+                     "edge": [bool(e.get("edge")) if isinstance(e, dict) else None for e in each]}
+    return merged
+
+
 def run_one(spec: TaskSpec, source: FeatureSource, *, seeds: Sequence[int], run_config: dict[str, Any]) -> ResultRecord:
     """Task ``spec`` on ``source.model`` for every seed, as a ResultRecord (``run_config``: the run settings that
-    change the numbers, ``ResultRecord.run_config``)."""
+    change the numbers, ``ResultRecord.run_config``): the first seed's extras with every seed's hyper-parameter
+    selection merged (:func:`merge_selections`), and the main score's pooled ``ci95`` and stored per-image values
+    (``record_samples.main_score_interval``) when the task gives them for every seed."""
     model, settings = source.model, source.settings
     task = build_task(spec)
     per_seed: dict[str, dict[str, float]] = {}
     extras: dict[str, Any] = {}
+    selections: list[Any] = []
+    samples: list[Any] = []
     labels_from = labels_source(spec)
     unchecked = [ref for ref in spec.refs.values() if labels_from(ref) is not None]
 
@@ -178,7 +197,12 @@ def run_one(spec: TaskSpec, source: FeatureSource, *, seeds: Sequence[int], run_
         out = task.run(ctx)
         per_seed[str(seed)] = {k: float(v) for k, v in out.metrics.items()}
         if not extras:
-            extras = out.extras
+            extras = dict(out.extras)
+        selections.append(out.extras.get("selection"))
+        samples.append(out.samples)
+    if any(selections):
+        extras["selection"] = merge_selections(selections)
+    ci95, stored = main_score_interval(spec.main_score, seeds, samples)
     wall = time.perf_counter() - start
     data, source.read = source.data_identity(), None
     ips = source.images_per_second
@@ -187,10 +211,11 @@ def run_one(spec: TaskSpec, source: FeatureSource, *, seeds: Sequence[int], run_
         model=mspec.name, task=spec.name, task_version=spec.version, task_kind=spec.kind, suite=spec.suite,
         main_score=spec.main_score, weights_sha256=model.weights_sha256, seeds=list(seeds), per_seed=per_seed,
         protocol=dict(vars(task.params)) if hasattr(task.params, "__dict__") else {}, run_config=run_config,
-        datasets=spec.datasets, data=data, extras=extras,
+        datasets=spec.datasets, data=data, extras=extras, ranked=spec.ranked, ci95=ci95, samples=stored,
         model_info={"method": mspec.method, "arch": mspec.arch, "weights": mspec.weights.kind,
                     "recipe": mspec.weights.recipe, "pretrained_on": list(mspec.pretrained_on),
-                    "weights_path": model.weights_path, **({"network": model.network} if model.network else {})},
+                    "weights_path": model.weights_path, "reference": bool(mspec.reference),
+                    **({"network": model.network} if model.network else {})},
         versions=versions(), git_commit=git_commit(), device=str(settings.device), wall_time_s=wall,
         images_per_second=(sum(ips) / len(ips)) if ips else None, timestamp_utc=utc_now(),
     )

@@ -140,6 +140,11 @@ def _ram_array(shape: tuple[int, int], dtype: Any) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
 
 
+#: Progress bars of extraction when a caller does not say: None, a bar when stderr is a terminal; True / False
+#: forced (``prosmin_bench.evaluate`` sets it for its call: bars in Jupyter too, none with ``quiet``).
+PROGRESS: bool | None = None
+
+
 def compute_features(
     model: Any, dataset: Any, *, layer: str = "cls", batch_size: int = 256, device: torch.device | str = "cpu",
     precision: str = "fp32", num_workers: int = 0, progress: bool | None = None, desc: str = "features",
@@ -172,7 +177,7 @@ def compute_features(
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
     if progress is None:
-        progress = sys.stderr.isatty() and distributed.is_main()
+        progress = (sys.stderr.isatty() if PROGRESS is None else PROGRESS) and distributed.is_main()
     model.eval()
     out: np.ndarray | None = None
     labels = np.empty(n, dtype=np.int64)

@@ -55,7 +55,8 @@ def tasks_table() -> str:
 def models_table() -> str:
     """Markdown table of every registered model (built-in micro models and ``baselines/`` cards)."""
     specs = sorted((s for _, s in model_catalogue().items()), key=lambda s: (s.scale != "mini", s.scale, s.name))
-    rows = [[f"`{s.name}`", s.scale, s.method or "—", s.arch, s.weights.kind,
+    # A reference (raw pixels, a fixed projection of them) has no weights: "random" would misdescribe it.
+    rows = [[f"`{s.name}`", s.scale, s.method or "—", s.arch, "none" if s.reference else s.weights.kind,
              ", ".join(f"`{p}`" for p in s.pretrained_on) or "—", s.description] for s in specs]
     return _table(rows, ["model", "scale", "method", "architecture", "weights", "pretrained on", "description"])
 

@@ -7,15 +7,28 @@ and the agreement between fields (a mean that disagrees with its per-seed values
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import numbers
+import struct
 from typing import Any
 
 from .errors import ProsminBenchError
 
-#: Bump when the record layout changes; readers refuse newer schemas and report older ones.
+#: Bump when the record layout changes; readers refuse newer schemas and report older ones. Still 1 after
+#: ``ranked``, ``ci95`` and ``samples`` were added: they are optional (records without them stay valid and show no
+#: interval) and readers ignore fields they do not know, so records of either side read on the other; a bump would
+#: only make older installations refuse the new records.
 SCHEMA_VERSION = 1
+
+#: ``samples.kind`` -> the encodings it may be stored with (``record_samples``).
+SAMPLE_ENCODINGS: dict[str, tuple[str, ...]] = {
+    "mean": ("bits", "float16", "float32"), "auroc": ("float32",), "replicates": ("float32",),
+}
+#: ``samples.kind`` -> how many groups of values each seed has (ID and OOD for an AUROC).
+_SAMPLE_GROUPS = {"mean": 1, "auroc": 2, "replicates": 1}
 
 #: The largest seed numpy's generators accept (2**32 - 1).
 MAX_SEED = 2**32 - 1
@@ -106,6 +119,8 @@ _RESULT_FIELDS: dict[str, tuple[bool, tuple[str, Any]]] = {
     "extras": (False, _OBJECT), "model_info": (False, _OBJECT), "versions": (False, _OBJECT),
     "git_commit": (False, _OPT_STR), "device": (False, _STR), "wall_time_s": (False, _NUMBER),
     "images_per_second": (False, _OPT_NUMBER), "timestamp_utc": (False, _STR),
+    "ranked": (False, ("a boolean or null", lambda v: v is None or isinstance(v, bool))),  # null: before it existed
+    "ci95": (False, _OBJECT), "samples": (False, _OBJECT),
 }
 _ERROR_FIELDS: dict[str, tuple[bool, tuple[str, Any]]] = {
     "model": (True, _NAME), "task": (True, _NAME), "task_version": (True, _INT), "error_type": (True, _STR),
@@ -155,6 +170,52 @@ def _result_problem(d: dict[str, Any]) -> str | None:
     for key, value in d.get("run_config", {}).items():
         if not isinstance(value, str):
             return f"field 'run_config' holds {_got(value)} for {key!r}; expected a string"
+    for name, value in d.get("ci95", {}).items():
+        if name not in names:
+            return f"field 'ci95' has an interval for {name!r}, which is not one of the record's metrics"
+        if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) and math.isfinite(v) for v in value)
+                and value[0] <= value[1]):
+            return (f"field 'ci95' holds {_got(value)} for {name!r}; expected [low, high], two finite numbers with "
+                    "low <= high")
+    if d.get("samples"):
+        return _samples_problem(d["samples"], seeds, d["main_score"])
+    return None
+
+
+def _sample_bytes(encoding: str, n: int) -> int:
+    return (n + 7) // 8 if encoding == "bits" else n * (2 if encoding == "float16" else 4)
+
+
+def _samples_problem(s: dict[str, Any], seeds: list[int], main_score: str) -> str | None:
+    """What is wrong with a record's ``samples`` (layout in ``record_samples``), or None."""
+    if s.get("metric") != main_score:
+        return f"field 'samples' describes {_got(s.get('metric'))}, not the main score {main_score!r}"
+    kind, encoding, n = s.get("kind"), s.get("encoding"), s.get("n")
+    if kind not in SAMPLE_ENCODINGS:
+        return f"field 'samples.kind' must be one of {sorted(SAMPLE_ENCODINGS)}, but got {_got(kind)}"
+    if encoding not in SAMPLE_ENCODINGS[kind]:
+        return (f"field 'samples.encoding' must be one of {list(SAMPLE_ENCODINGS[kind])} for kind {kind!r}, but got "
+                f"{_got(encoding)}")
+    groups = _SAMPLE_GROUPS[kind]
+    if not (isinstance(n, list) and len(n) == groups and all(_is_int(v) and v >= 1 for v in n)):
+        return f"field 'samples.n' must be {groups} positive integer(s) for kind {kind!r}, but got {_got(n)}"
+    per_seed = s.get("per_seed")
+    if not isinstance(per_seed, dict) or sorted(per_seed) != sorted(str(x) for x in seeds):
+        return f"field 'samples.per_seed' must hold the record's seeds {seeds}, but got {_got(per_seed)}"
+    for seed, texts in per_seed.items():
+        if not (isinstance(texts, list) and len(texts) == groups and all(isinstance(t, str) for t in texts)):
+            return f"field 'samples.per_seed' holds {_got(texts)} for seed {seed}; expected {groups} base64 string(s)"
+        for size, text in zip(n, texts):
+            try:
+                raw = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                return f"field 'samples.per_seed' holds text that is not base64 for seed {seed}"
+            if len(raw) != _sample_bytes(encoding, size):
+                return (f"field 'samples.per_seed' holds {len(raw)} bytes for seed {seed}; {size} values in "
+                        f"{encoding} take {_sample_bytes(encoding, size)}")
+            if encoding != "bits" and not all(math.isfinite(v) for (v,) in struct.iter_unpack(
+                    "<e" if encoding == "float16" else "<f", raw)):
+                return f"field 'samples.per_seed' holds a NaN or infinite value for seed {seed}"
     return None
 
 

@@ -21,8 +21,9 @@ T = TypeVar("T")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 #: What such a name must match, in words (for error messages).
 NAME_RULE = "letters, digits and _ . + - only, starting with a letter or digit"
-#: Model names of the form ``timm:<name>[.<tag>]`` are stored in the folder ``timm--<name>[.<tag>]``; registered
-#: names may not start with that prefix, so the mapping stays one to one.
+#: Model names of the form ``timm:<name>[.<tag>]`` are stored in the folder ``timm--<name>[.<tag>]`` (and
+#: ``timm:hf-hub:<org>/<repo>`` in ``timm--hf-hub--<org>--<repo>``); registered names may not start with that
+#: prefix, so the mapping stays one to one.
 TIMM_PREFIX, TIMM_FOLDER_PREFIX = "timm:", "timm--"
 
 
@@ -36,6 +37,8 @@ def model_folder_name(model: str) -> str | None:
     ``model`` cannot be a folder name (see ``NAME_PATTERN``)."""
     if isinstance(model, str) and model.startswith(TIMM_PREFIX):
         rest = model[len(TIMM_PREFIX):]
+        if rest.startswith("hf-hub:") and rest.count("/") == 1 and "--" not in rest:  # Hugging Face repo names
+            rest = rest.replace(":", "--", 1).replace("/", "--")  # never hold "--": timm--hf-hub--<org>--<name>
         return TIMM_FOLDER_PREFIX + rest if is_safe_name(rest) else None
     if not is_safe_name(model) or model.startswith(TIMM_FOLDER_PREFIX):
         return None

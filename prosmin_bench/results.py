@@ -75,7 +75,18 @@ class _JSONRecord:
 
 @dataclass
 class ResultRecord(_JSONRecord):
-    """The result of one task on one model over one or more seeds (sample std over seeds, ddof = 1)."""
+    """The result of one task on one model over one or more seeds (sample std over seeds, ddof = 1).
+
+    ``ci95 = {main_score: [low, high]}``: a 95% percentile-bootstrap interval of the main score (mean over seeds) that
+    pools the two sources of spread: each of its 1,000 replicates (``metrics.bootstrap.DEFAULT_N_BOOT``, generator
+    seed ``DEFAULT_SEED``) resamples the test images with replacement, one index draw shared by every seed, and the
+    seeds with replacement, and averages the per-seed statistic over the drawn seeds (``metrics.pooled_bootstrap_ci``;
+    Efron & Tibshirani 1993, ch. 13). ``samples`` stores each seed's per-image values of the main score compactly
+    (``record_samples``: bits for correctness), so the leaderboard can run paired tests from the result files alone.
+    Both are empty for records made before they existed (no interval is shown) and for tasks without per-sample
+    values. ``ranked``: whether the task counts in the leaderboard's mean rank (the card's ``ranked``; None in older
+    records). ``model_info["reference"]``: a non-learned reference model (tabulated, never ranked).
+    """
 
     model: str
     task: str
@@ -94,7 +105,7 @@ class ResultRecord(_JSONRecord):
     # The identity of every dataset the task read: {"hash": "stat" | "content", "sets": {dataset key: {"ref": the
     # card's reference, "fingerprint": ...}}}; a record is reused only while each still has its fingerprint.
     data: dict[str, Any] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)  # small JSON data for plots (first seed)
+    extras: dict[str, Any] = field(default_factory=dict)  # small JSON data for plots (first seed; "selection": all)
     model_info: dict[str, Any] = field(default_factory=dict)  # method, arch, weights source, pretrained_on
     versions: dict[str, str] = field(default_factory=dict)
     git_commit: str | None = None
@@ -102,6 +113,9 @@ class ResultRecord(_JSONRecord):
     wall_time_s: float = 0.0
     images_per_second: float | None = None
     timestamp_utc: str = ""
+    ranked: bool | None = None
+    ci95: dict[str, list[float]] = field(default_factory=dict)
+    samples: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     record_type: str = "result"
 

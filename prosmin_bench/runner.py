@@ -31,6 +31,7 @@ from .errors import DataError, ProsminBenchError, UnknownNameError, WeightsError
 from .evaluation import FeatureSource, run_one
 from .devices import resolve_device
 from .models import ModelSpec, get_model, get_model_spec
+from .models.custom import MODULE_PREFIX, resolve_models
 from .models.weights import check_weights_file
 from .paths import check_cache_writable, check_writable, record_path, safe_lock_path
 from .record_schema import check_seeds
@@ -101,10 +102,15 @@ def run_settings(opts: RunOptions) -> dict[str, Any]:
 
 
 def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, network: str | None = None, *,
-                 model: str, settings: dict[str, Any], source: FeatureSource | None = None) -> ResultRecord | None:
+                 model: str, settings: dict[str, Any], source: FeatureSource | None = None,
+                 info: dict[str, Any] | None = None) -> ResultRecord | None:
     """The record at ``path`` if it already answers this (model and task, task version, weights, seeds, evaluated
     network, run settings such as the extraction precision, protocol; with ``source``, the data it was computed on
-    still has the fingerprints it had)."""
+    still has the fingerprints it had).
+
+    A record made before ``ci95`` / ``samples`` / ``ranked`` were recorded is reused: its numbers are not wrong, it
+    only lacks the interval (the leaderboard shows none and runs no paired test for it) until a run with
+    ``overwrite`` remakes it; ``ranked`` comes from the card then."""
     if not path.is_file():
         return None
     try:
@@ -130,6 +136,8 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, net
     if network is not None and (rec.model_info or {}).get("network", "target") != network:
         return None
     if not set(seeds) <= set(rec.seeds):
+        return None
+    if any((rec.model_info or {}).get(k) != v for k, v in (info or {}).items()):  # a user module's preprocessing
         return None
     protocol = as_json(dict(vars(build_task(spec).params)))
     if as_json(rec.protocol) != protocol:  # a user card edited without a version bump
@@ -170,11 +178,14 @@ def _is_result(path: Path) -> bool:
 
 
 def _load_model_everywhere(mspec: ModelSpec, opts: RunOptions, dev: torch.device,
-                           prepare: PrepareWeights | None) -> Any:
-    """The backbone (after ``prepare(mspec, opts)``, e.g. pretraining a missing mini model); under torchrun it fails
-    on every rank if it fails on any, so rank 0 never asks for features that another rank cannot compute."""
+                           prepare: PrepareWeights | None, given: Any = None) -> Any:
+    """The backbone (after ``prepare(mspec, opts)``, e.g. pretraining a missing mini model; ``given``: a user's
+    model already built, moved to ``dev``); under torchrun it fails on every rank if it fails on any, so rank 0 never
+    asks for features that another rank cannot compute."""
 
     def load() -> Any:
+        if given is not None:
+            return given.to(dev)
         if prepare is not None:
             prepare(mspec, opts)
         return get_model(mspec, weights=opts.weights, device=dev, weights_dir=opts.weights_dir)
@@ -187,7 +198,7 @@ def _load_model_everywhere(mspec: ModelSpec, opts: RunOptions, dev: torch.device
 
 
 def _serve_extraction(mspecs: Sequence[ModelSpec], opts: RunOptions, dev: torch.device,
-                      prepare: PrepareWeights | None) -> None:
+                      prepare: PrepareWeights | None, given: Sequence[Any]) -> None:
     """Ranks other than 0 under torchrun: load the model rank 0 loads and extract the features it asks for, until
     it says the run is over (rank 0 records every failure; here they are only logged)."""
     source: FeatureSource | None = None
@@ -196,7 +207,8 @@ def _serve_extraction(mspecs: Sequence[ModelSpec], opts: RunOptions, dev: torch.
         nonlocal source
         if message[0] == "model":
             try:
-                source = feature_source(_load_model_everywhere(mspecs[message[1]], opts, dev, prepare), opts, dev)
+                i = message[1]
+                source = feature_source(_load_model_everywhere(mspecs[i], opts, dev, prepare, given[i]), opts, dev)
             except (ProsminBenchError, OSError) as exc:
                 source = None
                 log.debug("rank %d: %s", distributed.rank(), one_line(exc))
@@ -238,11 +250,15 @@ def evaluate(
     models: str | Iterable[str | ModelSpec], tasks: str | Iterable[str], *, seeds: Sequence[int] = (0,),
     device: str = "auto", results_dir: str | Path | None = None, overwrite: bool = False,
     options: RunOptions | None = None, prepare_weights: PrepareWeights | None = None,
+    transform: Callable[[Any], torch.Tensor] | None = None, name: str | None = None,
+    data_root: str | Path | None = None,
 ) -> list[Record]:
     """Evaluate every model on every task; returns the records (new or reused), one per (model, task).
 
     Args:
-        models: model names (``prosmin_micro``, ``dino_vits16``, ``timm:<name>``) or ModelSpecs.
+        models: model names (``prosmin_micro``, ``dino_vits16``, ``timm:<name>``, ``module:<python.path>:<callable>``),
+            ModelSpecs, Backbones, or an ``nn.Module`` mapping images [B, 3, H, W] to features [B, D]
+            (``models/custom.py``).
         tasks: task names (``digits_knn``, ``imagenet_c``, ...).
         seeds: seeds of the stochastic parts (probe init and batches, subsets); mean and std over them.
         device: "auto" (CUDA when present), "cpu", "cuda", ...
@@ -253,6 +269,10 @@ def evaluate(
         prepare_weights: called before each model is loaded (see :data:`PrepareWeights`). Without it a recipe
             model's checkpoint must exist; ``prosmin_bench.evaluate`` passes ``suite.ensure_weights``, which
             pretrains a missing mini model.
+        transform: PIL image -> tensor for the one nn.Module given (default: the tasks' standard preprocessing at
+            the module's expected size); the record states it (``model_info["preprocess"]``).
+        name: the name of the records of the one nn.Module given (letters, digits and _ . + -).
+        data_root: the folder of the datasets that are files (ImageNet, image folders of task cards).
 
     Under ``torchrun`` every rank calls this: each extracts its shard of every dataset, rank 0 alone runs the
     protocols and writes the records, and the other ranks return an empty list.
@@ -263,13 +283,23 @@ def evaluate(
     opts.check()  # options may have been changed since they were made
     if results_dir is not None:
         opts.results_dir = Path(results_dir)
-    model_list = [models] if isinstance(models, (str, ModelSpec)) else list(models)
+    if data_root is not None:
+        opts.data_root = Path(data_root)
+    model_list = [models] if isinstance(models, (str, ModelSpec, torch.nn.Module)) else list(models)
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
     # Resolve every name before any work, so a typo fails fast with close matches.
-    mspecs = [m if isinstance(m, ModelSpec) else get_model_spec(m) for m in model_list]
+    for m in model_list:
+        if isinstance(m, str) and not m.startswith(MODULE_PREFIX):
+            get_model_spec(m)
     tspecs = [get_task_spec(t) for t in task_list]
+    resolved = resolve_models(model_list, name=name, transform=transform, suites=[t.suite for t in tspecs],
+                              spec_of=get_model_spec)
+    mspecs, given = [s for s, _ in resolved], [b for _, b in resolved]
     for tspec in tspecs:
         _check_dataset_refs(tspec)
+    if opts.weights is not None and any(b is not None for b in given):
+        raise ProsminBenchError("--weights applies to registered and timm: models; a module's own code loads its "
+                                "weights")
     if opts.weights is not None and len(mspecs) != 1:
         raise ProsminBenchError(f"--weights applies to one model, but {len(mspecs)} were given; use --weights-dir")
     # Inputs named on the command line are checked before any work, so a typo costs nothing.
@@ -289,13 +319,13 @@ def evaluate(
     distributed.init_from_env(opts.device)  # joins the process group under torchrun; a no-op otherwise
     dev = resolve_device(opts.device)  # in the group, this process's own GPU
     if not distributed.is_main():
-        _serve_extraction(mspecs, opts, dev, prepare_weights)
+        _serve_extraction(mspecs, opts, dev, prepare_weights, given)
         return []
     records: list[Record] = []
     for model_index, mspec in enumerate(mspecs):
         try:
             distributed.lead(("model", model_index))
-            model = _load_model_everywhere(mspec, opts, dev, prepare_weights)
+            model = _load_model_everywhere(mspec, opts, dev, prepare_weights, given[model_index])
         except (ProsminBenchError, OSError) as exc:
             log.error("%s: %s", mspec.name, one_line(exc))
             for tspec in tspecs:
@@ -316,7 +346,8 @@ def evaluate(
             with _record_lock(opts.results_dir, path):
                 done = None if opts.overwrite else _existing_ok(path, tspec, opts.seeds, model.weights_sha256,
                                                                 model.network, model=mspec.name,
-                                                                settings=run_settings(opts), source=source)
+                                                                settings=run_settings(opts), source=source,
+                                                                info=getattr(model, "record_info", None))
                 if done is not None:
                     log.info("%s / %s: up to date (%s = %.4f)", mspec.name, tspec.name, done.main_score, done.main_value)
                     records.append(done)
@@ -324,6 +355,8 @@ def evaluate(
                 log.info("%s / %s: running (seeds %s)", mspec.name, tspec.name, list(opts.seeds))
                 try:
                     rec: Record = run_one(tspec, source, seeds=opts.seeds, run_config=run_settings(opts))
+                    # a user module's class and preprocessing, a timm model's preprocessing
+                    rec.model_info.update(getattr(model, "record_info", None) or {})
                     log.info("%s / %s: %s = %.4f", mspec.name, tspec.name, rec.main_score, rec.main_value)
                 except (KeyboardInterrupt, SystemExit):
                     raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from filelock import FileLock, Timeout
 from . import distributed
 from .errors import ProsminBenchError, WeightsError
 from .models import ModelSpec
+from .models.custom import MODULE_PREFIX
 from .models.checkpoints import check_format, interrupted_at
 from .models.weights import interrupted_message, load_checkpoint_file, remake_advice
 from .models.zoo import catalogue as model_catalogue
@@ -74,7 +75,7 @@ def select(models: Sequence[str] = (), tasks: Sequence[str] = (), suite: str | N
     """
     suite = suite or (None if (models or tasks) else "mini")
     if suite is None and models and not tasks:
-        scales = {get_model_spec(m).scale for m in models}
+        scales = {get_model_spec(m).scale for m in models if not m.startswith(MODULE_PREFIX)}
         if len(scales) == 1:
             suite = scales.pop()
     model_list = list(models) or (suite_models(suite) if suite else [])
@@ -87,18 +88,21 @@ def select(models: Sequence[str] = (), tasks: Sequence[str] = (), suite: str | N
 
 
 def evaluate(
-    models: str | Iterable[str | ModelSpec], tasks: str | Iterable[str], *, seeds: Sequence[int] = (0,),
-    device: str = "auto", results_dir: str | Path | None = None, overwrite: bool = False,
-    options: RunOptions | None = None,
+    models: Any, tasks: str | Iterable[str], *, transform: Callable[[Any], Any] | None = None, name: str | None = None,
+    data_root: str | Path | None = None, seeds: Sequence[int] = (0,), device: str = "auto",
+    results_dir: str | Path | None = None, overwrite: bool = False, options: RunOptions | None = None,
 ) -> list[Record]:
     """Evaluate every model on every task; returns the records (new or reused), one per (model, task).
 
-    As :func:`prosmin_bench.runner.evaluate` (which documents the arguments), and a mini-scale model made by a
+    ``models``: names, ModelSpecs, Backbones, or your own ``nn.Module`` (images [B, 3, H, W] -> features [B, D])
+    with ``name=`` and optionally ``transform=`` (PIL image -> tensor). As :func:`prosmin_bench.runner.evaluate`
+    (which documents the arguments), and a mini-scale model made by a
     recipe is pretrained first when its checkpoint is missing or was interrupted (not with
     ``options.pretrain_missing = False``, ``--weights`` or a checkpoint in ``--weights-dir``).
     """
     return run_evaluation(models, tasks, seeds=seeds, device=device, results_dir=results_dir, overwrite=overwrite,
-                          options=options, prepare_weights=ensure_weights)
+                          options=options, prepare_weights=ensure_weights, transform=transform, name=name,
+                          data_root=data_root)
 
 
 def ensure_weights(spec: ModelSpec, opts: RunOptions) -> None:

@@ -70,7 +70,7 @@ def test_evaluate_then_load_results_and_render(tmp_path: Path) -> None:
     stamp = json.loads(path.read_text())["timestamp_utc"]
     df = prosmin_bench.load_results(results)
     metrics = prosmin_bench.get_task("digits_knn").protocol["ks"]
-    assert len(df) == 3 * len(metrics) * 2  # top1, nll, ece per k; two seeds
+    assert len(df) == 6 * len(metrics) * 2  # top1, nll, ece, nll_ts, ece_ts, temperature per k; two seeds
     assert set(zip(df.model, df.task, df.task_version, df.metric, df.seed, df.value, df.main_score)) == \
         _rows_from_json(results)
     main = df[df.main_score]
@@ -79,7 +79,7 @@ def test_evaluate_then_load_results_and_render(tmp_path: Path) -> None:
     again = prosmin_bench.evaluate("random_micro", "digits_knn", seeds=(0, 1), device="cpu", results_dir=results)
     assert again[0].timestamp_utc == stamp == json.loads(path.read_text())["timestamp_utc"]
     text = leaderboard.render(results, "mini")
-    assert text == leaderboard.render(results, "mini") and "### digits_knn@1" in text
+    assert text == leaderboard.render(results, "mini") and "### digits_knn@2" in text
 
 
 # ------------------------------------------------------------------------------------------ docs and README

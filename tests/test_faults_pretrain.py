@@ -418,5 +418,5 @@ def test_the_first_command_leaves_a_clone_unmodified(tmp_path, capsys, monkeypat
     assert isinstance(read_record(record_path(mine, "random_micro", "digits_knn")), ResultRecord)
     assert sorted(p.name for p in mine.rglob("*")) == ["digits_knn.json", "random_micro"]  # no lock beside it
     code, board, _ = cli(capsys, "leaderboard")  # reads the same folder by default
-    assert code == 0 and "random_micro" in board and "digits_knn@1" in board
+    assert code == 0 and "random_micro" in board and "digits_knn@2" in board
     assert _git(clone, "status", "--porcelain", "--untracked-files=all", "--ignored") == ""

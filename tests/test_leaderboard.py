@@ -86,7 +86,7 @@ def test_summary_has_one_row_per_model_with_mean_and_sample_std(results: Path) -
         d = json.loads((results / model / "digits_knn.json").read_text())
         values = [d["per_seed"][str(s)]["top1"] for s in (0, 1, 2)]
         expected = f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
-        assert row["digits_knn@1 top1 (%) ↑"] == expected
+        assert row["digits_knn@1 top1 (%) ↑"].strip("*") == expected  # the best in bold
 
 
 def test_rows_are_sorted_by_the_main_score_in_its_direction(results: Path) -> None:
@@ -266,7 +266,7 @@ def test_reported_numbers_sit_in_their_own_table(tmp_path: Path) -> None:
     write_record(record("toy_micro", "digits_knn", {0: {"top1": 0.25}}), root)
     text = leaderboard.render(root, "mini")
     measured = table_after(text, "### digits_knn@1")
-    assert [r["top1 (%) ↑"] for r in measured] == ["25.00"]
+    assert [r["top1 (%) ↑"] for r in measured] == ["**25.00**"]  # the only (so best) model, in bold
     reported = table_after(text, "## Reported in papers (not measured here)")
     assert reported == [{"model (reported)": "toy_micro", "epochs": "100", "note": "—",
                          "digits_knn top1 (%) ↑": "87.50 [1]"}]

@@ -60,7 +60,7 @@ def test_second_run_reuses_results_and_features(tmp_path, fast_cards, monkeypatc
     first_calls = len(calls)
     assert first_calls == 4  # cls + cls_last4 features for train and test
     knn = read_record(record_path(res, "random_micro", "digits_knn"))
-    assert knn.task_version == 1 and knn.seeds == [0] and 0 < knn.mean["top1_k20"] < 1
+    assert knn.task_version == 2 and knn.seeds == [0] and 0 < knn.mean["top1_k20"] < 1
     assert knn.weights_sha256 == prosmin_bench.get_model("random_micro").weights_sha256
     mtime = record_path(res, "random_micro", "digits_knn").stat().st_mtime_ns
     again = prosmin_bench.evaluate(["random_micro"], ["digits_knn", "digits_linear_fast"], results_dir=res)
@@ -142,7 +142,7 @@ def test_cli_run_prints_a_leaderboard_and_debug_shows_tracebacks(tmp_path, capsy
     res = tmp_path / "res"
     assert main(["-q", "run", "--model", "random_micro", "--task", "digits_knn", "--results", str(res)]) == 0
     out = capsys.readouterr().out
-    assert "digits_knn@1" in out and "random_micro" in out
+    assert "digits_knn@2" in out and "random_micro" in out
     proc = subprocess.run([sys.executable, "-m", "prosmin_bench", "--debug", "run", "--model", "nope", "--task",
                            "digits_knn", "--results", str(res)], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr

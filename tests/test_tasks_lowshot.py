@@ -63,7 +63,7 @@ def test_lowshot_matches_sklearn_on_the_same_subset_and_lambda(tmp_path, shared_
     from sklearn.metrics import accuracy_score, log_loss
     from sklearn.model_selection import train_test_split
 
-    from prosmin_bench.tasks.probes import stratified_holdout
+    from prosmin_bench.tasks.lowshot import stratified_folds
 
     monkeypatch.setenv("PROSMIN_BENCH_HOME", str(shared_home))
     d = tmp_path / "cards"
@@ -98,14 +98,35 @@ def test_lowshot_matches_sklearn_on_the_same_subset_and_lambda(tmp_path, shared_
     idx, _ = train_test_split(np.arange(len(y_tr)), train_size=144, stratify=y_tr, random_state=seed)
     idx = np.sort(idx)
     x, y = x_tr[idx], y_tr[idx]
-    fit, val = stratified_holdout(y, 0.2, seed)
-    grid = [("0.01", 0.01, 0.01), ("1", 1.0, 1.0), ("0.1/N", 0.1 / len(fit), 0.1 / len(y))]
-    scores = []
-    for label, lam_fit, lam_all in grid:
-        clf = LogisticRegression(C=1 / (lam_fit * len(fit)), fit_intercept=False, max_iter=1000).fit(x[fit], y[fit])
-        p = clf.predict_proba(x[val])
-        scores.append((accuracy_score(y[val], p.argmax(1)), -log_loss(y[val], p, labels=clf.classes_), lam_all))
-    lam = max(scores)[2]
+    folds = stratified_folds(y, 5, seed)  # K = round(1 / val_fraction): checked in test_stratified_folds_...
+    n_fit = np.mean([len(f) for f, _ in folds])
+
+    def held_out(lam_fit):  # the out-of-fold predictions pooled over the folds
+        probs, truth = [], []
+        for fit, val in folds:
+            clf = LogisticRegression(C=1 / (lam_fit * len(fit)), fit_intercept=False, max_iter=1000)
+            probs.append(clf.fit(x[fit], y[fit]).predict_proba(x[val]))
+            truth.append(y[val])
+        p, t = np.concatenate(probs), np.concatenate(truth)
+        return accuracy_score(t, p.argmax(1)), -log_loss(t, p, labels=clf.classes_)
+
+    # The card's grid at the fit part's N (value -> whether it is a lambda/N entry), then the extension written out:
+    # while the best (top-1, then NLL; the first evaluated wins ties) is the smallest or largest value, add one
+    # point beyond it at the ratio of the two outermost values, clamped to the default lambda_bounds (1e-7, 1e3).
+    kind = {0.01: False, 1.0: False, 0.1 / n_fit: True}
+    scores = {v: held_out(v) for v in kind}
+    while True:
+        best = max(scores, key=lambda v: (scores[v], -list(scores).index(v)))
+        values = sorted(scores)
+        if best == values[0] and best > 1e-7:
+            new = max(values[0] ** 2 / values[1], 1e-7)
+        elif best == values[-1] and best < 1e3:
+            new = min(values[-1] ** 2 / values[-2], 1e3)
+        else:
+            break
+        kind[new] = kind[values[0]] if best == values[0] else kind[values[-1]]
+        scores[new] = held_out(new)
+    lam = best * n_fit / len(y) if kind[best] else best  # a lambda/N point is refit at N = the whole subset
     clf = LogisticRegression(C=1 / (lam * len(y)), fit_intercept=False, max_iter=1000).fit(x, y)
     probs = clf.predict_proba(x_te)
     got = rec.per_seed["1"]
@@ -113,3 +134,69 @@ def test_lowshot_matches_sklearn_on_the_same_subset_and_lambda(tmp_path, shared_
     assert got["top1"] == pytest.approx(accuracy_score(y_te, probs.argmax(1)), abs=1e-9)
     assert got["nll"] == pytest.approx(log_loss(y_te, probs), rel=1e-4)
     assert got["n_labelled"] == 144
+
+
+def test_standardised_lowshot_matches_sklearn_on_z_scored_then_l2_normalised_features(tmp_path, shared_home,
+                                                                                    monkeypatch):
+    """``standardise = true`` with DINO's fixed lambda = 0.1/N (a one-value grid: no selection): the features are
+    z-scored with the labelled subset's mean and std (the test features with the same statistics), then
+    L2-normalised (SimpleShot's CL2N plus scaling); sklearn on those features gives the same numbers."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, log_loss
+    from sklearn.model_selection import train_test_split
+
+    from prosmin_bench.data import resolve_dataset
+    from prosmin_bench.features import cache_key
+    from prosmin_bench.models import get_model
+
+    monkeypatch.setenv("PROSMIN_BENCH_HOME", str(shared_home))
+    d = tmp_path / "cards"
+    d.mkdir()
+    card = (textwrap.dedent(LOWSHOT).replace("t_lowshot", "t_lowshot_std").replace("lambdas = [0.01, 1.0]", "lambdas = []")
+            + "standardise = true\n")
+    (d / "t.toml").write_text(card)
+    cards.add_card_dir(d)
+    (rec,) = evaluate(["random_micro"], ["t_lowshot_std"],
+                      options=RunOptions(seeds=(2,), device="cpu", results_dir=tmp_path / "r"))
+    assert isinstance(rec, ResultRecord), rec
+    model = get_model("random_micro")
+    raw = {}
+    for split in ("train", "test"):
+        ds = resolve_dataset(f"digits:{split}")
+        fs = load_cached(cache_key(model, f"digits@1:{split}", ds.fingerprint, "cls", "fp32", "float32"))
+        assert fs is not None
+        raw[split] = (np.asarray(fs.features, dtype=np.float64), np.asarray(fs.labels))
+    (x_tr, y_tr), (x_te, y_te) = raw["train"], raw["test"]
+    idx, _ = train_test_split(np.arange(len(y_tr)), train_size=144, stratify=y_tr, random_state=2)
+    x, y = x_tr[np.sort(idx)], y_tr[np.sort(idx)]
+    mu, sd = x.mean(0), x.std(0)
+    sd[sd == 0] = 1.0
+    l2 = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    xs, xt = l2((x - mu) / sd), l2((x_te - mu) / sd)
+    lam = 0.1 / len(y)
+    clf = LogisticRegression(C=1 / (lam * len(y)), fit_intercept=False, max_iter=1000).fit(xs, y)
+    probs = clf.predict_proba(xt)
+    got = rec.per_seed["2"]
+    assert got["lambda"] == pytest.approx(lam)
+    assert got["top1"] == pytest.approx(accuracy_score(y_te, probs.argmax(1)), abs=1e-9)
+    assert got["nll"] == pytest.approx(log_loss(y_te, probs), rel=1e-4)
+    assert rec.extras["selection"]["lambda"]["edge"] == [False]
+
+
+def test_stratified_folds_hold_out_every_image_of_a_class_with_two_examples_once():
+    from prosmin_bench.tasks.lowshot import stratified_folds
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.repeat(np.arange(8), rng.integers(2, 30, 8)), [8, 9]]  # classes 8 and 9: one example each
+    folds = stratified_folds(labels, 5, seed=4)
+    held = np.concatenate([v for _, v in folds])
+    assert len(folds) == 5 and sorted(held.tolist()) == np.flatnonzero(labels < 8).tolist()  # each once, no single
+    sizes = [len(v) for _, v in folds]
+    assert max(sizes) - min(sizes) <= 1  # dealt round robin across classes
+    for fit, val in folds:
+        assert sorted(np.r_[fit, val].tolist()) == list(range(len(labels)))
+        assert set(labels[fit]) == set(range(10))  # no fold holds out all of a class
+    assert [v.tolist() for _, v in stratified_folds(labels, 5, seed=4)] == [v.tolist() for _, v in folds]
+    assert [v.tolist() for _, v in stratified_folds(labels, 5, seed=5)] != [v.tolist() for _, v in folds]
+    tiny = np.array([0, 0, 1, 2, 3])  # 14-image subsets: a class with two, the rest single
+    assert [v.tolist() for _, v in stratified_folds(tiny, 5, 0)] in ([[0], [1]], [[1], [0]])

@@ -3,12 +3,15 @@
 ``render(results_dir, suite)`` reads ``<results>/<model>/<task>.json`` and returns one suite's page:
 
 * a summary table measured by this suite: one row per model, the main score of every task (mean ± sample std
-  over seeds), ``task@version`` headers, rows sorted by mean rank;
+  over seeds; the best learned model of a ranked task in bold, ``≈`` where a paired bootstrap cannot tell a model
+  from it, :mod:`.significance`), ``task@version`` headers, learned models sorted by mean rank over the ranked tasks,
+  then the reference rows (``model_info.reference``: never ranked);
 * numbers reported in papers (``prosmin_bench.reported``: model cards and PROTOCOLS.md's tables) in their own
   tables, next to the measured ones and never mixed into them;
 * a section per task family (knn, linear, lowshot, semisup, ood, corruption, transfer, collapse, then any other
-  kind) with every metric of every task and links to the plots (``prosmin_bench.plots``). Metrics only some models
-  can have (a ``group`` in ``prosmin_bench.metrics.metric_info``: scores from ProSMin's predictive distribution,
+  kind) with every metric of every task, the main score's 95% interval (``ci95``; none for older records), the
+  models not compared for significance and why, and links to the plots (``prosmin_bench.plots``). Metrics only
+  some models can have (a ``group`` in ``prosmin_bench.metrics.metric_info``: scores from ProSMin's predictive distribution,
   collapse of the projector outputs) get their own table under the task's table, with rows for the models that
   report them and a line saying what they are;
 * stale results (older task versions: never aggregated with the newest), failed runs (error records) and
@@ -19,8 +22,9 @@ and ``†`` when it was pretrained on another split of an evaluation dataset, ty
 standard self-supervised protocol, so a note only); see :func:`board.pretraining_overlap`.
 
 The work is split by job: :mod:`.board` (records -> each task's newest version, families, ranks), :mod:`.format`
-(numbers, units, mean ± std, marks), :mod:`.sections` (the measured and reported tables, the lists of what is not
-tabulated) and :mod:`.pages` (a suite's page, and writing pages and figures).
+(numbers, units, mean ± std, intervals, marks), :mod:`.significance` (paired tests against each task's best),
+:mod:`.summary` (the measured summary, the mini page's opening), :mod:`.sections` (the task and reported tables, the
+lists of what is not tabulated) and :mod:`.pages` (a suite's page, and writing pages and figures).
 
 >>> render("/nonexistent/results").splitlines()[1:3]
 ['# prosmin-bench leaderboard', '']

@@ -170,6 +170,21 @@ def pretraining_overlap(record: ResultRecord) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ ranking
+def is_reference(record: ResultRecord) -> bool:
+    """A non-learned reference row (``model_info["reference"]``, e.g. raw pixels): shown, never ranked."""
+    return (record.model_info or {}).get("reference") is True
+
+
+def task_ranked(task: str, rs: Sequence[ResultRecord]) -> bool:
+    """Whether ``task`` counts in the mean rank: its records' ``ranked``, else (records made before it was recorded)
+    its card's, else True."""
+    recorded = {r.ranked for r in rs if r.ranked is not None}
+    if recorded:
+        return all(recorded)
+    card = registered_task(task, "ranked")
+    return True if card is None else bool(card)
+
+
 def _rank(values: dict[str, float], higher: bool) -> dict[str, float]:
     """Average ranks (1 = best; ties share the mean of their positions); non-finite values are left out."""
     items = sorted(((-v if higher else v), m) for m, v in values.items() if finite(v))
@@ -186,25 +201,31 @@ def _rank(values: dict[str, float], higher: bool) -> dict[str, float]:
 
 
 def mean_ranks(current: Mapping[str, Sequence[ResultRecord]]) -> dict[str, float]:
-    """Each model's mean over tasks of its rank by the task's main score; a missing result counts as last."""
-    models = sorted({r.model for rs in current.values() for r in rs})
-    if not current:
+    """Each learned model's mean over the ranked tasks (:func:`task_ranked`) of its rank by the task's main score; a
+    missing result counts as last. Reference models (:func:`is_reference`) are left out; NaN when no task is ranked."""
+    models = sorted({r.model for rs in current.values() for r in rs if not is_reference(r)})
+    ranked = {t: [r for r in rs if not is_reference(r)] for t, rs in current.items() if task_ranked(t, rs)}
+    if not models:
         return {}
     totals = dict.fromkeys(models, 0.0)
-    for rs in current.values():
+    for rs in ranked.values():
+        if not rs:
+            continue
         main = rs[0].main_score
         ranks = _rank({r.model: r.mean.get(main, float("nan")) for r in rs}, higher_is_better(main))
         for m in models:
             totals[m] += ranks.get(m, float(len(models)))
-    return {m: totals[m] / len(current) for m in models}
+    n = sum(1 for rs in ranked.values() if rs)
+    return {m: totals[m] / n if n else float("nan") for m in models}
 
 
 def sorted_by_main(rs: Sequence[ResultRecord], main: str) -> list[ResultRecord]:
-    """Records best first by ``main`` in its better direction; records without a finite value last, by model."""
+    """Records best first by ``main`` in its better direction, references after the learned models; records without a
+    finite value last (within each), by model."""
     higher = higher_is_better(main)
 
-    def key(r: ResultRecord) -> tuple[int, float, str]:
+    def key(r: ResultRecord) -> tuple[bool, int, float, str]:
         v = r.mean.get(main, float("nan"))
-        return (0, -v if higher else v, r.model) if finite(v) else (1, 0.0, r.model)
+        return (is_reference(r), *((0, -v if higher else v, r.model) if finite(v) else (1, 0.0, r.model)))
 
     return sorted(rs, key=key)

@@ -16,9 +16,22 @@ from ..metrics.info import FRACTION, PERCENT
 
 MARK_EVAL = "‡"
 MARK_TRAIN = "†"
+MARK_SAME = "≈"
+MARK_EDGE = "§"
+REFERENCE = "(reference)"
+NOT_RANKED = "(not ranked)"
 LEGEND = (f"{MARK_EVAL}: pretrained on data the task evaluates on (not comparable). {MARK_TRAIN}: pretrained on "
           "another split (the train split) of an evaluation dataset, without labels: the standard self-supervised "
-          "protocol.")
+          "protocol. **Bold**: the best learned model of a ranked task. "
+          f"{MARK_SAME}: not significantly different from the best: the 95% interval of the difference in the main "
+          "score from a paired bootstrap (1,000 replicates, each resampling the same test images for both models "
+          "and each model's seeds) contains 0; a score without a mark is significantly worse, except for the "
+          "models a task's section lists as not compared (records without per-image values, or evaluated on "
+          f"other test data). {MARK_EDGE}: the hyper-parameter chosen on held-out data is on the edge of its search "
+          f"grid for at least one seed (the score may be held back by the grid). {REFERENCE}: a non-learned "
+          "reference (e.g. `pixels`, the raw normalised pixels as features), listed under the learned models to "
+          f"place the numbers; never ranked, best or compared. {NOT_RANKED}: a diagnostic task, shown but not "
+          "counted in the mean rank and without significance marks.")
 
 
 def finite(x: Any) -> bool:
@@ -50,6 +63,28 @@ def fmt_mean_std(mean: float | None, std: float | None, n_seeds: int, unit: str 
     if n_seeds > 1 and finite(mean) and finite(std):
         text += f" ± {fmt(std, unit)}"
     return text
+
+
+def fmt_ci(ci: Any, unit: str = "raw") -> str:
+    """A 95% interval ``[low, high]`` in a column's unit; an em dash when the record has none.
+
+    >>> fmt_ci([0.7694, 0.8333], "rate"), fmt_ci(None)
+    ('[76.94, 83.33]', '—')
+    """
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(finite(v) for v in ci)):
+        return "—"
+    return f"[{fmt(ci[0], unit)}, {fmt(ci[1], unit)}]"
+
+
+def marked(text: str, status: str) -> str:
+    """A main-score cell with its significance mark: bold for the best, ``≈`` when not significantly different.
+
+    >>> marked("80.28", "best"), marked("79.10", "same"), marked("60.00", "worse")
+    ('**80.28**', '79.10 ≈', '60.00')
+    """
+    if text == "—":
+        return text
+    return f"**{text}**" if status == "best" else f"{text} {MARK_SAME}" if status == "same" else text
 
 
 def natural_key(name: str) -> list[Any]:
@@ -99,6 +134,21 @@ def ref_text(ref: Any) -> str:
     return json.dumps(ref, sort_keys=True)
 
 
-def model_cell(model: str, overlap: str) -> str:
-    """The model's name with the mark of its pretraining overlap (``"eval"``, ``"train"`` or ``""``)."""
-    return model + {"eval": f" {MARK_EVAL}", "train": f" {MARK_TRAIN}", "": ""}[overlap]
+def model_cell(model: str, overlap: str, *, reference: bool = False, edge: bool = False) -> str:
+    """The model's name with the mark of its pretraining overlap (``"eval"``, ``"train"`` or ``""``), ``(reference)``
+    for a reference row and ``§`` for a hyper-parameter chosen on the edge of its grid."""
+    text = model + {"eval": f" {MARK_EVAL}", "train": f" {MARK_TRAIN}", "": ""}[overlap]
+    return text + (f" {REFERENCE}" if reference else "") + (f" {MARK_EDGE}" if edge else "")
+
+
+def on_grid_edge(extras: Any) -> bool:
+    """True when a record's ``extras["selection"]`` has a choice on the edge of its grid for some seed
+    (``{hparam: {"grid": [...], "chosen": [...], "edge": [bool per seed] or bool}}``)."""
+    selection = extras.get("selection") if isinstance(extras, dict) else None
+    if not isinstance(selection, dict):
+        return False
+    for entry in selection.values():
+        edge = entry.get("edge") if isinstance(entry, dict) else None
+        if edge is True or (isinstance(edge, list) and any(e is True for e in edge)):
+            return True
+    return False

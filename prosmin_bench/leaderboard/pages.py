@@ -19,9 +19,10 @@ from ..reported import ReportedScore, reported_scores
 from .board import Board, collect
 from .format import LEGEND
 from .sections import (
-    FIGURES_DIR, Sources, family_lines, page_plots, reported_summary_lines, stale_and_failed_lines, summary_lines,
-    unusable_lines,
+    FIGURES_DIR, Sources, family_lines, page_plots, reported_summary_lines, stale_and_failed_lines, unusable_lines,
 )
+from .significance import verdicts
+from .summary import mini_intro_lines, summary_lines
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +35,25 @@ def render_suite(board: Board, suite: str, reported: Sequence[ReportedScore]) ->
     """One suite's page: intro, measured summary, reported summary, task families, then what is not tabulated."""
     current = board.current(suite)
     sources = Sources(reported)
+    tested = verdicts(current)  # the paired tests, once for the summary and the task sections
     lines = [HEADER, f"# prosmin-bench leaderboard: {suite} suite\n"]
+    if suite == "mini":
+        lines += mini_intro_lines(current)
     lines.append(
         "Measured by this suite from its result files (`<model>/<task>.json`): mean ± sample standard deviation "
         "over seeds (the `seeds` column; no ± with a single seed). Rates (accuracy, ECE, AUROC, AUPR, FPR, error) "
         "are in percent, marked (%); mCE is in percent of the reference model's errors; NLL is in nats; other "
         "values as recorded. ↑: higher is better, ↓: lower is better. Each task is shown at its newest version "
         "(`task@version`); results of older versions are listed as stale and never averaged in. Numbers "
-        "reported in papers are in separate tables marked \"reported\" and never mixed with measured ones.\n"
+        "reported in papers are in separate tables marked \"reported\" and never mixed with measured ones. "
+        "`95% CI`: a 95% percentile-bootstrap interval of the main score that pools the test-image and the seed "
+        "spread (1,000 replicates, each resampling the test images and the seeds).\n"
     )
     lines.append(LEGEND + "\n")
     lines.append("## Summary (measured)\n")
-    lines += summary_lines(board, suite, current)
+    lines += summary_lines(board, suite, current, tested)
     lines += reported_summary_lines(reported, current, sources)
-    lines += family_lines(current, page_plots(current, suite), reported, sources)
+    lines += family_lines(current, page_plots(current, suite), reported, sources, tested)
     lines += stale_and_failed_lines(board, suite)
     lines += unusable_lines(board, suite)
     return "\n".join(lines) + "\n"

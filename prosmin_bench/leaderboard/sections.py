@@ -1,6 +1,7 @@
-"""The sections of a suite's page, each a list of markdown lines: the measured summary, the numbers reported in
-papers, the task families (a table per task, its metric groups, its folded metrics and its figures) and the lists
-of stale, failed, misfiled and unreadable results."""
+"""The sections of a suite's page, each a list of markdown lines: the numbers reported in papers, the task families
+(a table per task with its 95% intervals and significance marks, its metric groups, its folded metrics and its
+figures) and the lists of stale, failed, misfiled and unreadable results. The measured summary is
+:mod:`.summary`."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from ..metrics.info import GROUPS, PREDICTIVE, PROJECTOR
 from ..reported import ReportedScore
 from ..results import ResultRecord
 from .board import (
-    FAMILY_TITLES, Board, family_key, mean_ranks, pretraining_overlap, sorted_by_main, task_kind, task_main_metric,
+    FAMILY_TITLES, Board, family_key, is_reference, pretraining_overlap, sorted_by_main, task_kind, task_main_metric,
 )
-from .format import arrow, cell, column_unit, fmt, fmt_mean_std, header, model_cell, natural_key, ref_text, table
+from .format import (
+    arrow, cell, column_unit, fmt, fmt_ci, fmt_mean_std, header, marked, model_cell, natural_key, on_grid_edge,
+    ref_text, table,
+)
+from .significance import Verdict, task_verdicts, untested_lines
 
 #: Folder (next to the markdown) holding ``<suite>/<task>_<plot>.png``.
 FIGURES_DIR = "figures"
@@ -183,7 +188,12 @@ def _protocol_text(rs: Sequence[ResultRecord]) -> str:
     return text
 
 
-def _measured_task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequence[PagePlot]) -> list[str]:
+def _model_cell(r: ResultRecord) -> str:
+    return model_cell(r.model, pretraining_overlap(r), reference=is_reference(r), edge=on_grid_edge(r.extras))
+
+
+def _measured_task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequence[PagePlot],
+                         verdict: Mapping[str, Verdict]) -> list[str]:
     lines: list[str] = []
     main = rs[0].main_score
     version = rs[0].task_version
@@ -198,11 +208,19 @@ def _measured_task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequenc
     unit = {m: column_unit(m, [v for r in rs for v in (r.mean.get(m), r.std.get(m)) if v is not None])
             for m in metrics}
     ordered = sorted_by_main(rs, main)
+    with_ci = any(main in (r.ci95 or {}) for r in rs)  # records made before intervals were recorded have none
     rows = []
     for r in ordered:
-        rows.append([model_cell(r.model, pretraining_overlap(r)), str(len(r.seeds))]
-                    + [fmt_mean_std(r.mean.get(m), r.std.get(m), len(r.seeds), unit[m]) for m in headline])
-    lines.append(table(rows, ["model", "seeds"] + [header(m, unit[m]) for m in headline]))
+        cells = [fmt_mean_std(r.mean.get(m), r.std.get(m), len(r.seeds), unit[m]) for m in headline]
+        cells[0] = marked(cells[0], verdict[r.model].status if r.model in verdict else "")
+        if with_ci:
+            cells.insert(1, fmt_ci((r.ci95 or {}).get(main), unit[main]))
+        rows.append([_model_cell(r), str(len(r.seeds))] + cells)
+    headers = [header(m, unit[m]) for m in headline]
+    if with_ci:
+        headers.insert(1, f"{main} 95% CI{' (%)' if unit[main] in ('rate', 'percent') else ''}")
+    lines.append(table(rows, ["model", "seeds"] + headers))
+    lines += untested_lines(verdict)
     if detail:
         # One row per metric (models as columns): 100+ columns (per corruption and severity) are unreadable.
         lines.append(f"\n<details><summary>More metrics ({len(detail)}), one row per metric</summary>\n")
@@ -213,7 +231,7 @@ def _measured_task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequenc
     for group, gms in groups:
         has = [r for r in ordered if any(m in r.mean for m in gms)]
         lines.append(f"\n{GROUP_TABLES[group].title}. {explain_group(group, gms)}\n")
-        rows = [[model_cell(r.model, pretraining_overlap(r)), str(len(r.seeds))]
+        rows = [[_model_cell(r), str(len(r.seeds))]
                 + [fmt_mean_std(r.mean.get(m), r.std.get(m), len(r.seeds), unit[m]) for m in gms] for r in has]
         lines.append(table(rows, ["model", "seeds"] + [header(m, unit[m]) for m in gms]))
     for p in figures:
@@ -222,10 +240,11 @@ def _measured_task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequenc
 
 
 def task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequence[PagePlot],
-               reported: Sequence[ReportedScore], sources: Sources) -> list[str]:
+               reported: Sequence[ReportedScore], sources: Sources,
+               verdict: Mapping[str, Verdict] | None = None) -> list[str]:
     """A task's section: its measured tables and figures (newest version), then the numbers papers report."""
     if rs:
-        lines = _measured_task_lines(task, rs, figures)
+        lines = _measured_task_lines(task, rs, figures, task_verdicts(task, rs) if verdict is None else verdict)
     else:
         lines = [f"\n### {task}\n", "No measured results yet."]
     if reported:
@@ -240,8 +259,10 @@ def task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequence[PagePlot
 
 
 def family_lines(current: Mapping[str, Sequence[ResultRecord]], figures: Mapping[str, Sequence[PagePlot]],
-                 reported: Sequence[ReportedScore], sources: Sources) -> list[str]:
-    """A section per task family (in family order), with the sections of its measured and reported tasks."""
+                 reported: Sequence[ReportedScore], sources: Sources,
+                 verdicts: Mapping[str, Mapping[str, Verdict]] | None = None) -> list[str]:
+    """A section per task family (in family order), with the sections of its measured and reported tasks
+    (``verdicts``: each task's significance verdicts, computed here when not given)."""
     reported_by_task: dict[str, list[ReportedScore]] = defaultdict(list)
     for r in reported:
         reported_by_task[r.task].append(r)
@@ -252,43 +273,9 @@ def family_lines(current: Mapping[str, Sequence[ResultRecord]], figures: Mapping
     for kind in sorted(families, key=family_key):
         lines.append(f"\n## {FAMILY_TITLES.get(kind, 'Other tasks')} (`{kind}`)")
         for t in sorted(families[kind]):
-            lines += task_lines(t, current.get(t, []), figures.get(t, []), reported_by_task.get(t, []), sources)
+            lines += task_lines(t, current.get(t, []), figures.get(t, []), reported_by_task.get(t, []), sources,
+                                None if verdicts is None else verdicts.get(t, {}))
     return lines
-
-
-def summary_lines(board: Board, suite: str, current: Mapping[str, Sequence[ResultRecord]]) -> list[str]:
-    """The measured summary: one row per model, the main score of every task, sorted by mean rank."""
-    if not current:
-        return [f"No measured results for this suite yet: run `prosmin-bench run --suite {suite}`."]
-    failed_current = {(e.model, e.task) for e in board.errors
-                      if e.task not in current or e.task_version >= current[e.task][0].task_version}
-    ranks = mean_ranks(current)
-    tasks = sorted(current, key=lambda t: (family_key(current[t][0].task_kind), t))
-    by = {(r.model, r.task): r for rs in current.values() for r in rs}
-    models = sorted(ranks, key=lambda m: (ranks[m], m))
-    unit = {t: column_unit(current[t][0].main_score, [v for r in current[t]
-                                                      for v in (r.mean.get(r.main_score), r.std.get(r.main_score))
-                                                      if v is not None]) for t in tasks}
-    headers = ["model", "method"] + [
-        f"{t}@{current[t][0].task_version} {header(current[t][0].main_score, unit[t])}" for t in tasks
-    ] + ["mean rank ↓"]
-    rows = []
-    for m in models:
-        info = next((by[(m, t)].model_info for t in tasks if (m, t) in by), {}) or {}
-        overlaps = {pretraining_overlap(by[(m, t)]) for t in tasks if (m, t) in by}
-        mark = "eval" if "eval" in overlaps else "train" if "train" in overlaps else ""
-        row = [model_cell(m, mark), str(info.get("method") or "—")]
-        for t in tasks:
-            r = by.get((m, t))
-            if r is None:
-                row.append("failed" if (m, t) in failed_current else "—")
-            else:
-                row.append(fmt_mean_std(r.mean.get(r.main_score), r.std.get(r.main_score), len(r.seeds), unit[t]))
-        row.append(f"{ranks[m]:.2f}")
-        rows.append(row)
-    return [table(rows, headers),
-            "\nRows are sorted by mean rank over the tasks by main score (ties share ranks; a missing result counts "
-            "as last). A mark on a model holds for at least one task; see the task sections."]
 
 
 # ------------------------------------------------------------------------------------------------ not tabulated

@@ -1,4 +1,6 @@
-"""Pure metric functions: classification, calibration, OOD detection, corruption robustness, collapse, uncertainty.
+"""Pure metric functions: classification, calibration (and temperature scaling, ``metrics.temperature``), OOD
+detection, corruption robustness, collapse, uncertainty, and bootstrap confidence intervals of a score from its
+per-sample values (``metrics.bootstrap``).
 
 Imports nothing from the rest of ``prosmin_bench``, so ``from prosmin_bench.metrics import
 expected_calibration_error`` works in any project. Every function accepts numpy arrays or torch tensors
@@ -8,6 +10,7 @@ is better for a recorded metric name, its unit and its table group (one table, d
 """
 
 from prosmin_bench.metrics._checks import MetricArgumentError
+from prosmin_bench.metrics.bootstrap import ScoreSamples, bootstrap_ci, paired_bootstrap_ci, pooled_bootstrap_ci
 from prosmin_bench.metrics.calibration import ece_from_bins, expected_calibration_error, reliability_bins
 from prosmin_bench.metrics.classification import accuracy, negative_log_likelihood
 from prosmin_bench.metrics.collapse import dims_for_variance, effective_rank, per_dim_std, spectrum
@@ -30,6 +33,7 @@ from prosmin_bench.metrics.robustness import (
     relative_corruption_errors,
     relative_mean_corruption_error,
 )
+from prosmin_bench.metrics.temperature import fit_temperature, temperature_nll, temperature_scale
 from prosmin_bench.metrics.uncertainty import misclassification_auroc, spearman_uncertainty_error
 
 __all__ = [
@@ -39,13 +43,16 @@ __all__ = [
     "CORRUPTION_GROUPS",
     "MetricArgumentError",
     "MetricInfo",
+    "ScoreSamples",
     "accuracy",
+    "bootstrap_ci",
     "corruption_errors",
     "dims_for_variance",
     "ece_from_bins",
     "effective_rank",
     "energy_confidence",
     "expected_calibration_error",
+    "fit_temperature",
     "higher_is_better",
     "knn_distance_confidence",
     "max_logit_confidence",
@@ -55,11 +62,15 @@ __all__ = [
     "msp_confidence",
     "negative_log_likelihood",
     "ood_metrics",
+    "paired_bootstrap_ci",
     "parse_metric_name",
     "per_dim_std",
+    "pooled_bootstrap_ci",
     "relative_corruption_errors",
     "relative_mean_corruption_error",
     "reliability_bins",
     "spearman_uncertainty_error",
     "spectrum",
+    "temperature_nll",
+    "temperature_scale",
 ]

@@ -21,7 +21,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from prosmin_bench.metrics import calibration, classification, collapse, ood, robustness, uncertainty
+from prosmin_bench.metrics import calibration, classification, collapse, ood, robustness, temperature, uncertainty
 from prosmin_bench.metrics._checks import MetricArgumentError
 from prosmin_bench.metrics.info import FRACTION, PREDICTIVE, PROJECTOR, MetricInfo, Qualifier
 from prosmin_bench.metrics.robustness import CORRUPTIONS
@@ -52,6 +52,7 @@ TABLE: dict[str, MetricInfo] = {
     **robustness.METRIC_INFO,
     **collapse.METRIC_INFO,
     **uncertainty.METRIC_INFO,
+    **temperature.METRIC_INFO,
     **TASK_VALUES,
 }
 

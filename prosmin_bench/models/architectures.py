@@ -2,7 +2,8 @@
 
 ``vit_micro`` is the suite's 32-px ViT for the mini scale (~0.46M parameters: dim 96, depth 4, 3 heads, patch 4;
 PROTOCOLS.md "Measured here on the mini data"). ``vit_small_patch16`` is timm's ViT-S/16 as used by DINO, iBOT,
-MoCo-v3 and ProSMin. Any timm model is reachable as ``timm:<name>``.
+MoCo-v3 and ProSMin. Any timm model is reachable as ``timm:<name>``. ``pixels`` and ``pixels_randproj`` are the
+non-learned references of the mini leaderboard (:class:`PixelFeatures`): no parameter, nothing to train.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import math
+
 import torch
 import torch.nn as nn
 
+from ..errors import ProsminBenchError
 from ..registry import Registry
 
 ARCHITECTURES: Registry[Callable[..., nn.Module]] = Registry("architecture", "prosmin-bench list models")
@@ -47,6 +51,65 @@ def vit_small_patch16(**kwargs: Any) -> nn.Module:
 def vit_base_patch16(**kwargs: Any) -> nn.Module:
     """ViT-B/16 at 224 px."""
     return _timm_vit("vit_base_patch16_224", **kwargs)
+
+
+class PixelFeatures(nn.Module):
+    """A non-learned reference "backbone": images [N, C, H, W] (after the model's eval preprocessing) -> the
+    flattened pixels [N, C * H * W], or with ``proj_dim`` > 0 a fixed Gaussian random projection of them
+    [N, proj_dim]: ``x @ P / sqrt(proj_dim)`` with ``P[i, j] ~ N(0, 1)`` drawn by ``torch.randn`` from
+    ``torch.Generator().manual_seed(seed)`` (float32, shape [C * H * W, proj_dim]). The 1 / sqrt(proj_dim) scale
+    keeps squared norms in expectation, E ||x P||^2 / proj_dim = ||x||^2 (Johnson-Lindenstrauss; Dasgupta &
+    Gupta 2003), so distances and cosines are preserved approximately.
+
+    Every feature layer a task asks for ("cls", "avgpool", "cls_lastN") is this one vector (``Backbone`` reads
+    ``same_features_every_layer``): a reference has no blocks, and repeating the vector N times for "cls_lastN"
+    would change nothing a linear probe can learn. ``P`` is a buffer, never a parameter: fine-tuning trains only
+    the task's head. The state dict (``input_shape`` and ``P``) is what ``weights_sha256`` hashes.
+    """
+
+    #: ``Backbone.features`` serves this module's output for every layer name (see above).
+    same_features_every_layer = True
+
+    def __init__(self, img_size: int = 32, in_chans: int = 3, proj_dim: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        d_in = in_chans * img_size * img_size
+        self.register_buffer("input_shape", torch.tensor([in_chans, img_size, img_size], dtype=torch.int64))
+        projection = None
+        if proj_dim:
+            gen = torch.Generator().manual_seed(seed)
+            projection = torch.randn(d_in, proj_dim, generator=gen, dtype=torch.float32) / math.sqrt(proj_dim)
+        self.register_buffer("projection", projection)
+        self.num_features = int(proj_dim or d_in)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, C, H, W] -> features [N, C * H * W] (pixels) or [N, proj_dim] (random projection)."""
+        want = tuple(int(v) for v in self.input_shape.tolist())
+        if tuple(images.shape[1:]) != want:
+            raise ProsminBenchError(
+                f"Expected images of shape [N, {want[0]}, {want[1]}, {want[2]}] for a pixel reference model, but got "
+                f"{list(images.shape)}; use the model's own preprocessing (32-px mini-scale images)"
+            )
+        x = images.flatten(1)
+        return x if self.projection is None else x @ self.projection.to(x.dtype)
+
+
+@ARCHITECTURES.register("pixels")
+def pixels(**kwargs: Any) -> nn.Module:
+    """The raw normalised pixels, flattened: 3 x 32 x 32 = 3,072 features for the mini scale."""
+    return PixelFeatures(**{"img_size": 32, "in_chans": 3, **kwargs, "proj_dim": 0})
+
+
+#: Width of ``pixels_randproj``: the width of the linear probe's input for every micro ViT (``cls_last4`` =
+#: 4 x 96) and of ViT-S/16's CLS token, so the reference is compared at the width the learned models have.
+RANDPROJ_DIM = 384
+#: Seed of ``pixels_randproj``'s projection matrix (one fixed model, like ``random_micro``'s init seed 0).
+RANDPROJ_SEED = 0
+
+
+@ARCHITECTURES.register("pixels_randproj")
+def pixels_randproj(**kwargs: Any) -> nn.Module:
+    """A fixed Gaussian random projection of the normalised pixels to ``RANDPROJ_DIM`` = 384 dimensions."""
+    return PixelFeatures(**{"img_size": 32, "in_chans": 3, "proj_dim": RANDPROJ_DIM, "seed": RANDPROJ_SEED, **kwargs})
 
 
 def sincos_2d_position_embedding(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:

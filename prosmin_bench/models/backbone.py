@@ -6,6 +6,9 @@ Checkpoints written by the pretraining module add ``projector(images) -> [N, K]`
 (ProSMin), ``predictive(images) -> (mu [N, K], sigma [N, K])``; ``has_projector`` / ``has_predictive`` say
 whether a model has them. ``with_preprocess(preprocess)`` is the same backbone seen through other eval
 preprocessing; ``trainable_copy()`` a copy of its network to fine-tune. Tasks never look inside a model.
+
+A network with ``same_features_every_layer = True`` (the pixel references, ``architectures.PixelFeatures``) has no
+blocks: its one output is served for every layer name ("cls", "avgpool", "cls_lastN"), with that width.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class Backbone(nn.Module):
         self.projector_head = projector
         self.transform = spec.preprocess.build()
         self.is_vit = all(hasattr(net, a) for a in ("blocks", "norm", "patch_embed", "cls_token"))
+        self.layerless = bool(getattr(net, "same_features_every_layer", False))
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -76,7 +80,12 @@ class Backbone(nn.Module):
 
     def layer_dim(self, layer: str) -> int:
         kind, n = parse_layer(layer)
-        return int(getattr(self.net, "num_features", getattr(self.net, "embed_dim", 0))) * n
+        return int(getattr(self.net, "num_features", getattr(self.net, "embed_dim", 0))) * (1 if self.layerless else n)
+
+    @property
+    def record_info(self) -> dict[str, str]:
+        """What a record adds to ``model_info``: a timm model's eval preprocessing (from timm's data config)."""
+        return {"preprocess": self.spec.preprocess.key()} if self.spec.arch.startswith("timm:") else {}
 
     @property
     def has_predictive(self) -> bool:
@@ -110,6 +119,8 @@ class Backbone(nn.Module):
     def features(self, images: torch.Tensor, layer: str = "cls") -> torch.Tensor:
         """images [N, 3, H, W] -> features [N, D * n] for ``cls``, ``avgpool`` or ``cls_lastN``."""
         kind, n = parse_layer(layer)
+        if self.layerless:  # a reference without blocks: the same features for every layer (module docstring)
+            return self.net(images)
         if not self.is_vit:
             if layer != "cls":
                 raise ProsminBenchError(f"Feature layer {layer!r} needs a ViT; {self.spec.name!r} supports 'cls' only")

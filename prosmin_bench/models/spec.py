@@ -114,6 +114,9 @@ class ModelSpec:
     description: str = ""
     reported: dict[str, Any] = field(default_factory=dict)  # numbers the model's papers report, with citation
     card: str = ""  # file the spec came from, if any
+    #: a non-learned reference (raw pixels, a random projection of them): tabulated to place the numbers, never
+    #: ranked or compared for significance
+    reference: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

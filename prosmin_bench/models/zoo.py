@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from .. import cards
 from ..errors import CardError, ProsminBenchError, UnknownNameError
-from ..registry import NAME_RULE, TIMM_FOLDER_PREFIX, TIMM_PREFIX, Registry, is_safe_name
+from ..registry import NAME_RULE, TIMM_FOLDER_PREFIX, TIMM_PREFIX, Registry, is_safe_name, model_folder_name
 from .architectures import ARCHITECTURES
 from .backbone import parse_layer
 from .converters import CONVERTERS
@@ -50,6 +50,24 @@ for _method, _label in (("prosmin", "ProSMin"), ("dino", "DINO"), ("ibot", "iBOT
         + ("base (online) encoder, as MoCo-v3's main_lincls.py" if _method == "mocov3" else "target/teacher backbone")
         + ")",
     ))
+
+# Non-learned references (issue 17): where raw pixels sit places every learned model's numbers. Tabulated, never
+# ranked (``reference=True``). No weights file: ``weights_sha256`` is the hash of the fixed state (input shape and
+# projection matrix), as for the random models.
+register_model_spec(ModelSpec(
+    name="pixels", arch="pixels", weights=WeightsSource(random=True, seed=0), preprocess=MINI_PREPROCESS,
+    scale="mini", method="reference", reference=True,
+    description="reference, not learned: the raw pixels after the eval preprocessing (32x32 RGB, mean/std 0.5), "
+    "flattened to 3,072 features, served as every feature layer a task asks for (cls, cls_last4, ...); fine-tuning "
+    "tasks train only the head",
+))
+register_model_spec(ModelSpec(
+    name="pixels_randproj", arch="pixels_randproj", weights=WeightsSource(random=True, seed=0),
+    preprocess=MINI_PREPROCESS, scale="mini", method="reference", reference=True,
+    description="reference, not learned: a fixed Gaussian random projection (torch seed 0, scaled 1/sqrt(384)) of "
+    "the 3,072 pixels of `pixels` to 384 dimensions, the width of the micro ViTs' linear-probe input (cls_last4 = "
+    "4 x 96); served as every feature layer; fine-tuning tasks train only the head",
+))
 
 _MODEL_FIELDS = {
     "name", "arch", "arch_kwargs", "weights", "converter", "feature_layer", "preprocess", "scale", "method",
@@ -161,16 +179,26 @@ def _timm_exists(arch: str) -> bool:
     a pattern like ``vit_*`` is not a model."""
     import timm  # here, not at the top: a second or more to import, and needed only for timm:<name> models
 
+    if arch.startswith("hf-hub:"):  # a Hugging Face repo timm can load: its folder name must be safe
+        return model_folder_name(TIMM_PREFIX + arch) is not None
     return is_safe_name(arch) and bool(timm.list_models(arch) or timm.list_models(arch, pretrained=True))
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """The spec for a registered name, or an ad-hoc spec for ``timm:<name>`` (random init unless weights given)."""
+    """The spec for a registered name, or an ad-hoc spec for ``timm:<name>[.<tag>]`` with timm's eval preprocessing
+    (``models/timm_models.py``): ``<name>.<tag>`` has that tag's pretrained weights, a bare ``<name>`` timm's
+    random init, unless weights are given."""
     if name.startswith(TIMM_PREFIX):
+        from .timm_models import is_tagged, timm_preprocess
+
         arch = name[len(TIMM_PREFIX) :]
         if not _timm_exists(arch):
             raise UnknownNameError(f"Unknown timm model {arch!r} (see timm.list_models())")
+        if is_tagged(arch):
+            return ModelSpec(name=name, arch=name, weights=WeightsSource(), scale="imagenet",
+                             preprocess=timm_preprocess(arch), description=f"timm {arch}, its pretrained weights")
         return ModelSpec(name=name, arch=name, weights=WeightsSource(random=True), method="random", scale="imagenet",
+                         preprocess=timm_preprocess(arch),
                          description=f"timm {arch}, random init unless --weights is given")
     return catalogue().get(name)
 

@@ -21,6 +21,8 @@ import torch
 from .. import cards
 from ..data.base import DatasetRef
 from ..errors import CardError, DataError
+from ..metrics import ScoreSamples
+from ..metrics.classification import NLL_CLAMP
 from ..registry import Registry
 from ..settings import EvalSettings
 
@@ -41,6 +43,9 @@ class TaskSpec:
     description: str = ""
     paper: str = ""
     card: str = ""
+    #: whether the task counts in the leaderboard's mean rank: tasks that measure representation quality do;
+    #: diagnostics (dimensional collapse) and tasks kept for context (far-OOD with an inverted score) do not
+    ranked: bool = True
     #: role -> the parsed reference, what tasks pass to ``ctx.features`` / ``ctx.dataset`` (parsed from
     #: ``datasets`` when not given)
     refs: dict[str, DatasetRef] = field(default_factory=dict, repr=False, compare=False)
@@ -57,10 +62,30 @@ class TaskSpec:
 
 @dataclass
 class TaskOutput:
-    """What a task returns for one seed: scalar metrics and small JSON-able extras for plots."""
+    """What a task returns for one seed: scalar metrics, small JSON-able extras for plots and, for the record's
+    confidence interval and the leaderboard's paired tests, ``samples``: the main score per test sample
+    (``metrics.ScoreSamples`` of one seed, whose ``metric`` is the card's ``main_score``; None when the task has
+    none, and then the record has no ``ci95``)."""
 
     metrics: dict[str, float]
     extras: dict[str, Any] = field(default_factory=dict)
+    samples: ScoreSamples | None = None
+
+
+def classification_samples(metric: str, probs: np.ndarray, labels: np.ndarray) -> ScoreSamples | None:
+    """Per-test-sample values [N] whose mean is the classification metric ``metric``, as ``metrics.accuracy`` and
+    ``metrics.negative_log_likelihood`` compute it: ``top1`` / ``top5`` (1 when the label is among the most probable
+    classes, ties towards the lower class index), ``nll`` (-ln max(p_label, 1e-12)), also with a k-NN suffix
+    (``top1_k20``); None for a metric that is not a mean over samples (``ece``). probs [N, C], labels [N]."""
+    base = metric.split("_k")[0] if metric.rpartition("_k")[2].isdigit() else metric
+    p, y = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    if base in ("top1", "top5"):
+        k = min(int(base[3:]), p.shape[1])
+        top = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        return ScoreSamples.mean(metric, np.any(top == y[:, None], axis=1).astype(np.float64))
+    if base == "nll":
+        return ScoreSamples.mean(metric, -np.log(np.maximum(p[np.arange(len(y)), y], NLL_CLAMP)))
+    return None
 
 
 class BackboneFace(Protocol):
@@ -185,7 +210,9 @@ def register_kind(kind: str) -> Callable[[type[Task]], type[Task]]:
     return deco
 
 
-_TASK_FIELDS = {"name", "kind", "version", "main_score", "suite", "datasets", "protocol", "description", "paper"}
+_TASK_FIELDS = {
+    "name", "kind", "version", "main_score", "suite", "datasets", "protocol", "description", "paper", "ranked",
+}
 
 
 def spec_from_card(card: cards.Card) -> TaskSpec:
@@ -210,6 +237,7 @@ def spec_from_card(card: cards.Card) -> TaskSpec:
         name=cards.name_field(card, "name"), kind=f("kind", str), version=version, main_score=f("main_score", str),
         suite=suite, datasets=datasets, protocol=dict(f("protocol", dict, {})),
         description=f("description", str, ""), paper=f("paper", str, ""), card=str(card.path), refs=refs,
+        ranked=f("ranked", bool, True),
     )
     if spec.kind not in TASK_KINDS:
         raise CardError(

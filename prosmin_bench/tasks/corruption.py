@@ -40,8 +40,8 @@ from ..data import DATASETS, DatasetRef
 from ..data.folder import reference_file
 from ..errors import CardError, DataError
 from ..metrics import (
-    ALEXNET_CLEAN_ERROR, CORRUPTIONS, expected_calibration_error, mean_corruption_error, negative_log_likelihood,
-    relative_corruption_errors, relative_mean_corruption_error,
+    ALEXNET_CLEAN_ERROR, CORRUPTIONS, ScoreSamples, expected_calibration_error, mean_corruption_error,
+    negative_log_likelihood, relative_corruption_errors, relative_mean_corruption_error,
 )
 from ..metrics import corruption_errors as ce_per_corruption
 from .base import Task, TaskContext, TaskOutput, register_kind
@@ -155,6 +155,14 @@ def pixel_tree_reference(ctx: TaskContext, train_ref: DatasetRef, test_ref: Data
     return out
 
 
+def mce_samples(wrong_counts: dict[str, np.ndarray], base_errors: dict[str, Any]) -> np.ndarray:
+    """Each test image's share of the mCE [N]: v_i = (100 / C) sum_c k_ic / A_c, with k_ic the number of severities
+    under which image i is misclassified with corruption c and A_c = sum_s E^base_{s,c}. Since E_{s,c} is the mean
+    over the N images of the errors, CE_c = (1/N) sum_i k_ic / A_c and mCE = 100 mean_c CE_c = mean_i v_i exactly
+    (``metrics.mean_corruption_error``)."""
+    return (100.0 / len(CORRUPTIONS)) * sum(wrong_counts[c] / float(np.sum(base_errors[c])) for c in CORRUPTIONS)
+
+
 @register_kind("corruption")
 class CorruptionTask(Task):
     """Corruption robustness: ``mce`` (main), ``relative_mce``, ``clean_error``, ``ce_<c>``, ``relative_ce_<c>``,
@@ -209,25 +217,28 @@ class CorruptionTask(Task):
         check_same_images(ctx, self.spec.name, ds["test"], p.corrupted)
         shared = shared_linear_head(ctx, p.head_task, card=self.spec.card, train_ref=ds["train"], test_ref=ds["test"])
 
-        def evaluate(feats: Any) -> tuple[float, float, float]:
+        def evaluate(feats: Any) -> tuple[float, float, float, np.ndarray]:
             probs = softmax(shared.head.logits(feats.features))
             y = np.asarray(feats.labels)
-            return (float((probs.argmax(1) != y).mean()), negative_log_likelihood(probs, y),
-                    expected_calibration_error(probs, y, n_bins=p.n_bins))
+            wrong = probs.argmax(1) != y  # [N], in the clean test set's image order (check_same_images)
+            return (float(wrong.mean()), negative_log_likelihood(probs, y),
+                    expected_calibration_error(probs, y, n_bins=p.n_bins), wrong)
 
-        clean_error, clean_nll, clean_ece = evaluate(ctx.features(ds["test"], shared.layer))
+        clean_error, clean_nll, clean_ece, _ = evaluate(ctx.features(ds["test"], shared.layer))
         # ImageNet-C's images are stored cropped already: with `resize = false` they go through the model's
         # preprocessing minus its resize (through the run's feature source, like every other feature set).
         pre = ctx.model.spec.preprocess
         variant = None if p.resize or pre.resize is None else dataclasses.replace(pre, resize=None)
         errors: dict[str, list[float]] = {}
         nlls, eces = [], []
+        wrong_counts = {}  # corruption -> [N]: the severities under which each image is misclassified
         for c in CORRUPTIONS:
             errors[c] = []
             for s in SEVERITIES:
                 ref = corrupted_ref(p.corrupted, c, s)
                 feats = ctx.features(ref, shared.layer, preprocess=variant)
-                e, nll, ece = evaluate(feats)
+                e, nll, ece, wrong = evaluate(feats)
+                wrong_counts[c] = wrong_counts.get(c, 0) + wrong.astype(np.float64)
                 errors[c].append(e)
                 nlls.append(nll)
                 eces.append(ece)
@@ -260,4 +271,5 @@ class CorruptionTask(Task):
             "relative_undefined_for": undefined,
             "head": {"task": shared.task.name, "lr": shared.head.lr, "val_top1": shared.head.val_top1},
         }
-        return TaskOutput(metrics, extras)
+        samples = mce_samples(wrong_counts, base_errors) if self.spec.main_score == "mce" else None
+        return TaskOutput(metrics, extras, ScoreSamples.mean("mce", samples) if samples is not None else None)

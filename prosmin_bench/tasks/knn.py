@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CardError, FeatureError
-from ..metrics import accuracy, expected_calibration_error, negative_log_likelihood
+from ..metrics import accuracy, expected_calibration_error, fit_temperature, negative_log_likelihood, temperature_scale
 from ..settings import EvalSettings
-from .base import Task, TaskContext, TaskOutput, register_kind
+from .base import Task, TaskContext, TaskOutput, classification_samples, register_kind
+from .scaling import held_out_bank_neighbours, temperature_metrics, vote_logits
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +189,18 @@ def _merge(best_s: torch.Tensor, best_i: torch.Tensor, sims: torch.Tensor, offse
 
 def knn_topk(
     train_features: Any, test_features: Any, k: int, *, max_memory: int = DEFAULT_MAX_MEMORY,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = None, exclude: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities and indices of the ``k`` nearest train samples of each test sample.
 
     Args:
         train_features: [N_train, D]; test_features: [N_test, D] (numpy, memmap or torch; any float dtype).
-        k: neighbours; more than N_train gives N_train.
+        k: neighbours; more than the bank's (included) rows gives that many.
         max_memory: bytes this call may allocate, its result included (see the module docstring).
+        exclude: optional bool mask [N_train]: bank rows that are never neighbours (their similarities are set to
+            -inf before the merge; e.g. a held-out part of the bank queried against the rest).
     Returns:
-        (sims [N_test, min(k, N_train)] float32 descending, idx [N_test, min(k, N_train)] int64), on CPU.
+        (sims [N_test, k'] float32 descending, idx [N_test, k'] int64) on CPU, k' = min(k, included bank rows).
     """
     n_train = int(train_features.shape[0])
     n_test = int(test_features.shape[0])
@@ -208,8 +211,16 @@ def knn_topk(
             f"Expected train and test features of the same width, but got {train_features.shape[1]} and "
             f"{test_features.shape[1]}"
         )
-    k = min(k, n_train)
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    excluded = None
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=bool)
+        if exclude.shape != (n_train,) or exclude.all():
+            raise FeatureError(f"Expected `exclude` to be a mask of {n_train} bank rows leaving at least one, but got "
+                               f"shape {exclude.shape} with {int(exclude.sum())} set")
+        excluded = torch.from_numpy(exclude).to(dev)
+        k = min(k, n_train - int(exclude.sum()))
+    k = min(k, n_train)
     bank, queries = _Rows(train_features), _Rows(test_features)
     dim, itemsize = bank.dim, max(bank.itemsize, queries.itemsize)
     result_bytes = _RESULT_BYTES_PER_K * k * n_test
@@ -244,6 +255,8 @@ def knn_topk(
                 chunk = F.normalize(bank.read(bs, be, dev), dim=1)
                 sims = torch.mm(q, chunk.T, out=sims_buf[: (qe - qs) * (be - bs)].view(qe - qs, be - bs))
                 del chunk
+                if excluded is not None:
+                    sims[:, excluded[bs:be]] = -math.inf
                 mask = mask_buf[: sims.numel()].view(sims.shape)
                 best_s, best_i = _merge(best_s, best_i, sims, bs, k, bs >= k, mask)
                 bs, step = be, min(bc, be)
@@ -306,7 +319,9 @@ def knn_predict(train_features: Any, train_labels: Any, test_features: Any, k: i
 
 @register_kind("knn")
 class KNNTask(Task):
-    """k-NN on frozen features; metrics per k: ``top1_k{k}``, ``nll_k{k}``, ``ece_k{k}``; main k = 20."""
+    """k-NN on frozen features; metrics per k: ``top1_k{k}``, ``nll_k{k}``, ``ece_k{k}``, and after temperature
+    scaling ``nll_ts_k{k}``, ``ece_ts_k{k}`` with the fitted ``temperature_k{k}`` (the scaling's T, not the vote
+    temperature of the protocol; fitted on a held-out part of the bank, ``tasks/scaling.py``); main k = 20."""
 
     roles = ("train", "test")
 
@@ -316,16 +331,20 @@ class KNNTask(Task):
         temperature: float = 0.07  # DINO eval_knn.py
         layer: str = "cls"  # final-norm CLS of the teacher/target backbone (PROTOCOLS.md k-NN)
         n_bins: int = 15  # ECE bins (Guo et al. 2017)
+        ts_val_fraction: float = 0.1  # held-out part of the bank for the temperature (the linear probe's split)
 
     @classmethod
     def check_params(cls, spec, params) -> None:
+        if not 0 < params.ts_val_fraction < 1:
+            raise CardError(f"Card {spec.card!r}: protocol field 'ts_val_fraction' must be in (0, 1)")
         if not params.ks or any(not isinstance(k, int) or k < 1 for k in params.ks):
             raise CardError(f"Card {spec.card!r}: protocol field 'ks' must be positive integers, got {params.ks}")
         if not params.temperature > 0:
             raise CardError(f"Card {spec.card!r}: protocol field 'temperature' must be > 0")
 
     def metric_names(self) -> list[str]:
-        return [f"{m}_k{k}" for k in self.params.ks for m in ("top1", "nll", "ece")]
+        return [f"{m}_k{k}" for k in self.params.ks
+                for m in ("top1", "nll", "ece", "nll_ts", "ece_ts", "temperature")]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         p = self.params
@@ -336,10 +355,21 @@ class KNNTask(Task):
                              device=ctx.device)
         metrics: dict[str, float] = {}
         extras: dict[str, Any] = {"top1_by_k": {}}
+        held_out = held_out_bank_neighbours(ctx, train, test, p.ts_val_fraction, max(p.ks), self.spec.name, knn_topk)
+        samples = None
         for k in p.ks:
             probs = knn_vote(sims, idx, train.labels, min(k, sims.shape[1]), p.temperature, num_classes).numpy()
             metrics[f"top1_k{k}"] = accuracy(probs, test.labels)
             metrics[f"nll_k{k}"] = negative_log_likelihood(probs, test.labels)
             metrics[f"ece_k{k}"] = expected_calibration_error(probs, test.labels, n_bins=p.n_bins)
             extras["top1_by_k"][str(k)] = metrics[f"top1_k{k}"]
-        return TaskOutput(metrics, extras)
+            if held_out is not None:
+                vsims, vidx, y_val, tsims, tidx = held_out  # neighbours in the bank less its held-out part
+                val_probs = knn_vote(vsims, vidx, train.labels, min(k, vsims.shape[1]), p.temperature, num_classes)
+                t = fit_temperature(vote_logits(val_probs.numpy()), y_val)
+                reduced = knn_vote(tsims, tidx, train.labels, min(k, tsims.shape[1]), p.temperature, num_classes)
+                metrics.update(temperature_metrics(temperature_scale(vote_logits(reduced.numpy()), t), test.labels, t,
+                                                   p.n_bins, f"_k{k}"))
+            if self.spec.main_score.endswith(f"_k{k}"):  # the main k's per-image values (the record's ci95)
+                samples = classification_samples(self.spec.main_score, probs, test.labels)
+        return TaskOutput(metrics, extras, samples)

@@ -2,10 +2,17 @@
 
 Features: final-norm CLS of the last ``n`` blocks concatenated (DINO, ViT-S: n = 4 -> 1536-d). Head: one linear
 layer, weights N(0, 0.01), zero bias; SGD momentum 0.9, weight decay 0, cosine schedule, lr scaled by
-batch / 256 (PROTOCOLS.md "Linear"). DINO reports its best epoch on val; here the learning rate is chosen on a
-held-out part of the training split (stratified, fixed by the seed), then the head is retrained on the whole
-training split for the fixed number of epochs and evaluated once on test. The trained head is cached and reused
-by the OOD and corruption tasks (the head itself is ``tasks/probes.py``).
+batch / 256 (PROTOCOLS.md "Linear"). The features are not standardised (DINO's eval_linear.py feeds them to the head
+as extracted). DINO reports its best epoch on val; here the learning rate is chosen on a held-out part of the
+training split (stratified, fixed by the seed), the grid extended log-spaced past an edge choice until the choice
+is interior or ``lr_bounds`` is reached (``tasks/selection.py``: ties, plateaus, the bounds), then the head is
+retrained on the whole training split for the fixed number of epochs and evaluated once on test. The trained head
+is cached and reused by the OOD and corruption tasks (the head itself is ``tasks/probes.py``).
+
+Calibration after temperature scaling (Guo et al. 2017, Sec. 4.2): ``nll_ts`` and ``ece_ts`` (the same bins as
+``ece``) of the head trained on the fit part at the chosen lr, softmax(its test logits / T), with T fitted on the
+held-out split; the final head (``top1``, ``nll``, ``ece``) was trained on the held-out images too, so no held-out data
+is left to fit its own temperature (``tasks/scaling.py``).
 
 Uncertainty vs error (issue 10), for models with a predictive distribution (ProSMin checkpoints of the pretraining
 module), with u_i = the mean predictive sigma of test image i over the K dimensions:
@@ -28,9 +35,19 @@ import numpy as np
 from scipy.special import logsumexp
 
 from ..errors import CardError, FeatureError
-from ..metrics import MetricArgumentError, misclassification_auroc, spearman_uncertainty_error
-from .base import Task, TaskContext, TaskOutput, register_kind
-from .probes import LinearParams, classification_metrics, fit_linear_probe, mean_sigma, reliability_extras, softmax
+from ..metrics import MetricArgumentError, misclassification_auroc, spearman_uncertainty_error, temperature_scale
+from .base import Task, TaskContext, TaskOutput, classification_samples, register_kind
+from .probes import (
+    LinearParams,
+    classification_metrics,
+    fit_linear_probe,
+    predict_logits,
+    reliability_extras,
+    softmax,
+)
+from .scaling import temperature_metrics
+from .sigma import mean_sigma
+from .selection import check_bounds
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +83,9 @@ def sigma_error_metrics(uncertainty: np.ndarray, logits: np.ndarray,
 
 @register_kind("linear")
 class LinearTask(Task):
-    """Linear probe: ``top1``, ``top5`` (when C >= 5), ``nll``, ``ece`` on test; ``val_top1`` and ``lr`` chosen;
+    """Linear probe: ``top1``, ``top5`` (when C >= 5), ``nll``, ``ece`` on test; ``nll_ts``, ``ece_ts`` after
+    temperature scaling and the ``temperature`` (fitted on the held-out split); ``val_top1`` and ``lr`` chosen
+    (``extras["selection"]["lr"]``: the lrs evaluated, the choice, whether it is on the grid's edge);
     ``sigma_err_spearman`` and ``sigma_misclf_auroc`` for models with a predictive distribution."""
 
     roles = ("train", "test")
@@ -76,13 +95,18 @@ class LinearTask(Task):
     def check_params(cls, spec, params) -> None:
         if not params.base_lrs or any(lr <= 0 for lr in params.base_lrs):
             raise CardError(f"Card {spec.card!r}: protocol field 'base_lrs' must hold positive numbers")
+        check_bounds(spec.card, "base_lrs", params.base_lrs, "lr_bounds", params.lr_bounds)
         if not 0 < params.val_fraction < 1:
             raise CardError(f"Card {spec.card!r}: protocol field 'val_fraction' must be in (0, 1)")
         if params.epochs < 1 or params.batch_size < 1:
             raise CardError(f"Card {spec.card!r}: protocol fields 'epochs' and 'batch_size' must be >= 1")
+        if not isinstance(params.standardise, bool):
+            raise CardError(f"Card {spec.card!r}: protocol field 'standardise' must be true or false, but got "
+                            f"{params.standardise!r}")
 
     def metric_names(self) -> list[str]:
-        return ["top1", "top5", "nll", "ece", "val_top1", "lr", *SIGMA_ERROR_METRICS]
+        return ["top1", "top5", "nll", "ece", "nll_ts", "ece_ts", "temperature", "val_top1", "lr",
+                *SIGMA_ERROR_METRICS]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         p = self.params
@@ -96,7 +120,16 @@ class LinearTask(Task):
         metrics = classification_metrics(probs, labels, p.n_bins)
         metrics["val_top1"] = head.val_top1
         metrics["lr"] = head.lr
-        extras: dict[str, Any] = {"reliability": reliability_extras(probs, labels, p.n_bins)}
+        if head.temperature is not None and head.calibration_head is not None:
+            # Guo et al.'s setup: the fit-part head, its T fitted on the held-out split, evaluated on test (the final
+            # head has seen the held-out images, so no held-out data is left to fit its own temperature)
+            calib_logits = predict_logits(head.calibration_head, test.features)
+            metrics.update(temperature_metrics(temperature_scale(calib_logits, head.temperature), labels,
+                                               head.temperature, p.n_bins))
+        else:
+            log.warning("%s: nothing held out to fit a temperature on; nll_ts / ece_ts left out", self.spec.name)
+        extras: dict[str, Any] = {"reliability": reliability_extras(probs, labels, p.n_bins),
+                                  "selection": {"lr": head.selection}, "val_scores": head.val_scores}
         if ctx.model.has_predictive:
             sigma = ctx.features(self.spec.refs["test"], "predictive_sigma")
             if not np.array_equal(np.asarray(sigma.labels), labels):
@@ -105,4 +138,4 @@ class LinearTask(Task):
             found, about = sigma_error_metrics(mean_sigma(sigma.features), logits, labels)
             metrics.update(found)
             extras["sigma_vs_error"] = about
-        return TaskOutput(metrics, extras)
+        return TaskOutput(metrics, extras, classification_samples(self.spec.main_score, probs, labels))

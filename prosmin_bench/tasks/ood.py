@@ -8,6 +8,13 @@ CVPR 2021) the ID set is the ImageNet val images of ImageNet-O's 200 classes and
 et al., ICML 2022), energy (Liu et al., NeurIPS 2020), and the k-th nearest-neighbour distance to the training
 features (Sun et al., ICML 2022).
 
+Open-set recognition (protocol field ``class_splits``; ``tasks/open_set.py``, OpenOOD's "osr" benchmarks): no OOD
+dataset; for each split, a linear head is trained on the split's ID classes of ``train`` only (the ``head_task``
+card's params and lr selection, ``fit_linear_probe(..., classes=...)``), the ID set is the ``test`` images of those
+classes and the OOD set the ``test`` images of the held-out classes; the k-NN bank holds the ID classes' ``train``
+images only. Every metric is the mean over the splits (each seed evaluates every split); ``extras["open_set"]``
+lists the splits and each split's scores.
+
 For models with a predictive distribution (ProSMin checkpoints of the pretraining module: ``Backbone.predictive``
 gives a diagonal Gaussian N(mu, diag(sigma^2)) per image), two more scores use it directly (the paper attributes
 its OOD results, ProSMin, ICLR 2024, Table 5, to this probabilistic representation), each reported with the same
@@ -37,9 +44,14 @@ import torch
 from ..data.folder import read_lines
 from ..data.subsets import resolve_split_file
 from ..errors import CardError, DataError, FeatureError, ProsminBenchError
-from ..metrics import energy_confidence, knn_distance_confidence, max_logit_confidence, msp_confidence, ood_metrics
+from ..metrics import (
+    ScoreSamples, energy_confidence, knn_distance_confidence, max_logit_confidence, msp_confidence, ood_metrics,
+)
+from ..metrics.bootstrap import DEFAULT_N_BOOT, DEFAULT_SEED
 from .base import Task, TaskContext, TaskOutput, register_kind
-from .probes import labelled_subset, mean_sigma, row_chunks, shared_linear_head
+from .open_set import check_class_splits, remap_labels, split_mean_auroc_replicates, split_rows
+from .probes import fit_linear_probe, labelled_subset, linear_task_spec, shared_linear_head
+from .sigma import mean_sigma, row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +79,9 @@ class OODParams:
     predictive: bool = True  # also score the predictive distribution (sigma, dispersion) when the model has one
     predictive_samples: int = 4  # r: ProSMin paper and released code draw r = 4 samples per image
     predictive_distance: str = "l1"  # paper Table 3 best row "Energy (L1 loss)"; released code F.l1_loss
+    # Open-set recognition (module docstring): the ID classes (label indices of `train`) of each split; the other
+    # classes of `test` are the OOD set. Empty: the OOD set is the card's `ood` dataset.
+    class_splits: tuple[tuple[int, ...], ...] = ()
 
 
 def _histogram(values: np.ndarray, bins: int) -> dict[str, Any]:
@@ -132,7 +147,8 @@ class OODTask(Task):
     ``maxlogit_*``, ``energy_*``, ``knn_*`` and, for models with a predictive distribution, ``sigma_*`` and
     ``dispersion_*``; ``id_top1`` of the (restricted) head on the ID set."""
 
-    roles = ("train", "test", "ood")
+    roles = ("train", "test")
+    optional_roles = ("ood",)  # required unless `class_splits` takes the OOD images from `test`
     Params = OODParams
 
     @classmethod
@@ -150,6 +166,17 @@ class OODTask(Task):
         if params.predictive_distance not in DISPERSION_DISTANCES:
             raise CardError(f"Card {spec.card!r}: protocol field 'predictive_distance' must be 'l1' or 'l2', but "
                             f"got {params.predictive_distance!r}")
+        if not params.class_splits:
+            if "ood" not in spec.datasets:
+                raise CardError(f"Card {spec.card!r}: an ood task needs datasets.ood (the OOD images) or protocol "
+                                "field 'class_splits' (held-out classes of the test set as OOD)")
+            return
+        check_class_splits(spec.card, params.class_splits)
+        clash = [f for f, v in (("datasets.ood", "ood" in spec.datasets), ("protocol.id_classes", params.id_classes))
+                 if v]
+        if clash:
+            raise CardError(f"Card {spec.card!r}: protocol field 'class_splits' takes the ID classes from its splits "
+                            f"and the OOD images from the test set's other classes; remove {' and '.join(clash)}")
 
     def metric_names(self) -> list[str]:
         four = ("auroc", "aupr_in", "aupr_out", "fpr95")
@@ -157,6 +184,8 @@ class OODTask(Task):
         return names + [f"{s}_{m}" for s in PREDICTIVE_SCORES for m in four]
 
     def run(self, ctx: TaskContext) -> TaskOutput:
+        if self.params.class_splits:
+            return self._run_open_set(ctx)
         p = self.params
         ds = self.spec.refs
         shared = shared_linear_head(ctx, p.head_task, card=self.spec.card, train_ref=ds["train"], test_ref=ds["test"])
@@ -176,12 +205,8 @@ class OODTask(Task):
                 raise DataError(f"{self.spec.name}: no image of the ID set belongs to the classes of {p.id_classes}")
         id_logits = shared.head.logits(id_feats.features[keep])[:, classes]
         ood_logits = shared.head.logits(ood_feats.features)[:, classes]
-        conf = {
-            "msp": (msp_confidence(id_logits), msp_confidence(ood_logits)),
-            "maxlogit": (max_logit_confidence(id_logits), max_logit_confidence(ood_logits)),
-            "energy": (energy_confidence(id_logits, p.energy_temperature),
-                       energy_confidence(ood_logits, p.energy_temperature)),
-        }
+        c_id, c_ood = self._logit_confidences(id_logits), self._logit_confidences(ood_logits)
+        conf = {name: (c_id[name], c_ood[name]) for name in c_id}
         bank = ctx.features(ds["train"], p.knn_layer)
         if p.knn_subset_file:  # read only the subset's rows of the (memory-mapped) bank
             sub = labelled_subset(ctx, ds["train"], np.asarray(bank.labels), p.knn_subset_file, 0.0, self.spec.card)
@@ -194,15 +219,11 @@ class OODTask(Task):
         conf["knn"] = (knn_distance_confidence(bank_x, id_knn, k=k), knn_distance_confidence(bank_x, ood_knn, k=k))
         predictive = p.predictive and ctx.model.has_predictive
         if predictive:
-            conf.update(self._predictive_confidences(ctx, keep))
-        metrics: dict[str, float] = {}
-        for name, (c_id, c_ood) in conf.items():
-            prefix = "" if name == "msp" else f"{name}_"
-            metrics.update({f"{prefix}{m}": v for m, v in ood_metrics(c_id, c_ood).items()})
+            parts = self._predictive_confidences(ctx, [(ds["test"], keep, _RNG_ID), (ds["ood"], None, _RNG_OOD)])
+            conf.update({name: (c[0], c[1]) for name, c in parts.items()})
+        metrics = ood_scores(conf)
         # Accuracy of the restricted head on the ID images (labels mapped into the restricted class order).
-        pos = {int(c): i for i, c in enumerate(classes)}
-        y_restricted = np.array([pos[int(y)] for y in id_labels[keep]])
-        metrics["id_top1"] = float((id_logits.argmax(1) == y_restricted).mean())
+        metrics["id_top1"] = float((id_logits.argmax(1) == remap_labels(id_labels[keep], classes)).mean())
         extras = {
             "n_id": int(len(keep)), "n_ood": int(len(ood_logits)),
             "msp_hist": {"id": _histogram(conf["msp"][0], p.hist_bins), "ood": _histogram(conf["msp"][1], p.hist_bins)},
@@ -211,21 +232,115 @@ class OODTask(Task):
             "knn_k": k,
         }
         if predictive:
-            extras["predictive"] = {
-                "r": p.predictive_samples, "distance": p.predictive_distance, "noise_seed": ctx.seed,
-                "sigma_quantiles": {"id": _quantiles(-conf["sigma"][0]), "ood": _quantiles(-conf["sigma"][1])},
-            }
-        return TaskOutput(metrics, extras)
+            extras["predictive"] = self._predictive_extras(ctx, {"id": -conf["sigma"][0], "ood": -conf["sigma"][1]})
+        # The record's ci95 and paired tests: the confidences of the main score's AUROC (msp for ``auroc``).
+        score = self._main_confidence()
+        main = score is not None and score in conf
+        return TaskOutput(metrics, extras, ScoreSamples.auroc(self.spec.main_score, *conf[score]) if main else None)
 
-    def _predictive_confidences(self, ctx: TaskContext, keep: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """(ID, OOD) confidences -mean sigma and -dispersion from the cached predictive layers; ID rows ``keep``."""
+    def _main_confidence(self) -> str | None:
+        """The confidence whose AUROC is the card's main score ("msp" for ``auroc``), or None for another metric."""
+        if not self.spec.main_score.endswith("auroc"):
+            return None
+        return self.spec.main_score.removesuffix("auroc").rstrip("_") or "msp"
+
+    def _logit_confidences(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-image MSP, max-logit and energy confidences [N] of head logits [N, C]."""
+        t = self.params.energy_temperature
+        return {"msp": msp_confidence(logits), "maxlogit": max_logit_confidence(logits),
+                "energy": energy_confidence(logits, t)}
+
+    def _predictive_extras(self, ctx: TaskContext, sigma: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The predictive scores' settings and the quantiles of the mean sigma of each named set of images."""
+        p = self.params
+        return {"r": p.predictive_samples, "distance": p.predictive_distance, "noise_seed": ctx.seed,
+                "sigma_quantiles": {name: _quantiles(s) for name, s in sigma.items()}}
+
+    def _run_open_set(self, ctx: TaskContext) -> TaskOutput:
+        """Open-set recognition over ``class_splits`` (module docstring): every metric is the mean over the splits;
+        the main score's samples are bootstrap replicates of that mean over the test images."""
         p = self.params
         ds = self.spec.refs
-        sigma_c, disp_c = [], []
-        for role, rows, offset in (("test", keep, _RNG_ID), ("ood", None, _RNG_OOD)):
-            sigma = ctx.features(ds[role], "predictive_sigma")
-            mu = ctx.features(ds[role], "predictive_mu")
-            sigma_c.append(-mean_sigma(sigma.features, rows))
-            disp_c.append(-predictive_dispersion(mu.features, sigma.features, r=p.predictive_samples,
-                                                 distance=p.predictive_distance, rng=ctx.rng(offset), rows=rows))
-        return {"sigma": (sigma_c[0], sigma_c[1]), "dispersion": (disp_c[0], disp_c[1])}
+        _, lin = linear_task_spec(p.head_task, self.spec.card)  # the head task's params: layer, epochs, lr grid
+        test = ctx.features(ds["test"], lin.layer)
+        labels = np.asarray(test.labels)
+        bank = ctx.features(ds["train"], p.knn_layer)
+        bank_labels = np.asarray(bank.labels)
+        bank_rows = (labelled_subset(ctx, ds["train"], bank_labels, p.knn_subset_file, 0.0, self.spec.card).indices
+                     if p.knn_subset_file else np.arange(len(bank_labels)))
+        test_knn = np.asarray(ctx.features(ds["test"], p.knn_layer).features)
+        predictive = p.predictive and ctx.model.has_predictive  # split-free: every test image's once
+        pred = self._predictive_confidences(ctx, [(ds["test"], None, _RNG_ID)]) if predictive else {}
+        splits: list[dict[str, Any]] = []
+        per_split: list[dict[str, float]] = []
+        full_confs: list[dict[str, np.ndarray]] = []
+        masks: list[np.ndarray] = []
+        pooled: dict[str, list[np.ndarray]] = {"id": [], "ood": []}
+        for j, split in enumerate(p.class_splits):
+            classes = [int(c) for c in split]
+            id_rows, ood_rows = split_rows(labels, classes, f"{self.spec.name} split {j}")
+            head = fit_linear_probe(ctx, ds["train"], lin, classes=classes)
+            logits = head.logits(test.features)  # [N_test, len(classes)]
+            in_bank = np.sort(bank_rows[np.isin(bank_labels[bank_rows], classes)])  # ID classes' train images
+            k = min(p.knn_k, len(in_bank))
+            full = self._logit_confidences(logits)
+            full["knn"] = knn_distance_confidence(np.asarray(bank.features[in_bank]), test_knn, k=k)
+            full.update({name: c[0] for name, c in pred.items()})
+            conf = {name: (c[id_rows], c[ood_rows]) for name, c in full.items()}
+            scores = ood_scores(conf)
+            scores["id_top1"] = float((logits[id_rows].argmax(1) == remap_labels(labels[id_rows], classes)).mean())
+            per_split.append(scores)
+            full_confs.append(full)
+            mask = np.zeros(len(labels), dtype=bool)
+            mask[ood_rows] = True
+            masks.append(mask)
+            pooled["id"].append(conf["msp"][0])
+            pooled["ood"].append(conf["msp"][1])
+            splits.append({"id_classes": classes, "ood_classes": sorted(int(c) for c in np.unique(labels[ood_rows])),
+                           "n_id": int(len(id_rows)), "n_ood": int(len(ood_rows)), "auroc": scores["auroc"],
+                           "id_top1": scores["id_top1"], "lr": head.lr, "val_top1": head.val_top1,
+                           "selection": head.selection, "bank": int(len(in_bank)), "knn_k": k})
+        metrics = {name: float(np.mean([s[name] for s in per_split])) for name in per_split[0]}
+        msp_id, msp_ood = np.concatenate(pooled["id"]), np.concatenate(pooled["ood"])
+        extras: dict[str, Any] = {
+            "n_id": [s["n_id"] for s in splits], "n_ood": [s["n_ood"] for s in splits],
+            "msp_hist": {"id": _histogram(msp_id, p.hist_bins), "ood": _histogram(msp_ood, p.hist_bins)},
+            "head": {"task": p.head_task, "lr": [s["lr"] for s in splits], "classes": len(p.class_splits[0])},
+            "knn_k": min(s["knn_k"] for s in splits),
+            "open_set": {"rule": "every seed evaluates every split; each metric is the mean over the splits",
+                         "splits": splits},
+        }
+        if predictive:
+            extras["predictive"] = self._predictive_extras(ctx, {"test": -pred["sigma"][0]})
+        score = self._main_confidence()
+        samples = None
+        if score is not None and score in full_confs[0]:
+            reps = split_mean_auroc_replicates([f[score] for f in full_confs], masks, n_boot=DEFAULT_N_BOOT,
+                                               seed=DEFAULT_SEED)
+            samples = ScoreSamples.replicates(self.spec.main_score, reps)
+        return TaskOutput(metrics, extras, samples)
+
+    def _predictive_confidences(self, ctx: TaskContext, parts: list[tuple[Any, np.ndarray | None, int]]
+                                ) -> dict[str, list[np.ndarray]]:
+        """Confidences -mean sigma and -dispersion from the cached predictive layers, one array per part
+        ``(dataset ref, rows or None for all, rng offset of the dispersion noise)``."""
+        p = self.params
+        out: dict[str, list[np.ndarray]] = {"sigma": [], "dispersion": []}
+        for ref, rows, offset in parts:
+            sigma = ctx.features(ref, "predictive_sigma")
+            mu = ctx.features(ref, "predictive_mu")
+            out["sigma"].append(-mean_sigma(sigma.features, rows))
+            out["dispersion"].append(-predictive_dispersion(mu.features, sigma.features, r=p.predictive_samples,
+                                                            distance=p.predictive_distance, rng=ctx.rng(offset),
+                                                            rows=rows))
+        return out
+
+
+def ood_scores(conf: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """``metrics.ood_metrics`` of every (ID, OOD) confidence pair, keyed ``auroc``... for "msp" and
+    ``<name>_auroc``... for the others."""
+    metrics: dict[str, float] = {}
+    for name, (c_id, c_ood) in conf.items():
+        prefix = "" if name == "msp" else f"{name}_"
+        metrics.update({f"{prefix}{m}": v for m, v in ood_metrics(c_id, c_ood).items()})
+    return metrics

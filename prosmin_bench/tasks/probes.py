@@ -1,12 +1,25 @@
 """What the probe kinds share: the held-out split, the cached linear head (trained here, reused by the OOD and
-corruption tasks through ``head_task``), the labelled subset, classification metrics and the predictive sigma.
+corruption tasks through ``head_task``), the labelled subset and classification metrics (sigma: ``tasks/sigma.py``).
 
 The linear head (DINO ``eval_linear.py``, PROTOCOLS.md "Linear"): one linear layer, weights N(0, 0.01), zero bias;
-SGD with momentum, cosine schedule, lr scaled by batch / 256; the lr is chosen on a stratified held-out part of the
-training split (never the test set), then the head is retrained on the whole split and cached by content (the
-train features' key, the params, the seed and the class count). A task names another task's head with the
-protocol field ``head_task`` (e.g. ``"digits_linear"``): :func:`shared_linear_head` gives the head that task
-trains, with its train set, params, seed and class count rule, so it is trained exactly once.
+SGD with momentum, cosine schedule, lr scaled by batch / 256, on the features as extracted (as DINO). With the
+protocol field ``standardise`` (the mini cards set it) features are first z-scored with the training rows' mean and
+std, as MAE's probe does (facebookresearch/mae ``main_linprobe.py``: ``BatchNorm1d(affine=False, eps=1e-6)`` before
+the head); the statistics are folded into the layer, so the head takes raw features wherever it is used. The micro
+models need it: their tokens share a large common component (unstandardised, the open-set head reached 40-73%).
+The lr is chosen on a stratified held-out part of the training split (never the test set) by
+``tasks/selection.py``: the card's grid ``base_lrs``, extended log-spaced past an edge choice up to ``lr_bounds``. The head is then retrained on the whole
+split at the chosen lr and cached by content (the train features' key and count, every param, the seed, the class
+count and the class subset), together with what the record needs (the chosen lr, the held-out top-1, every lr
+evaluated with its held-out scores, the temperature), so a cached head gives the same record as a fresh one.
+
+The temperature (``tasks/scaling.py``) is fitted on the held-out split's logits of the head trained on the fit part
+at the chosen lr, and nll_ts / ece_ts are that head's test logits / T (the cache keeps it too).
+
+A task names another task's head with the protocol field ``head_task`` (e.g. ``"digits_linear"``):
+:func:`shared_linear_head` gives the head that task trains, with its train set, params, seed and class count rule,
+so it is trained exactly once. ``fit_linear_probe(..., classes=[...])`` trains a head on a subset of the classes
+(the open-set OOD protocol: a head on the in-distribution classes only).
 """
 
 from __future__ import annotations
@@ -14,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,9 +40,16 @@ from ..atomic import atomic_path
 from ..data.base import DatasetRef
 from ..data.subsets import LabelledSubset, resolve_split_file, stratified_subset, subset_from_split_file
 from ..errors import CardError, DataError
-from ..metrics import accuracy, expected_calibration_error, negative_log_likelihood, reliability_bins
+from ..metrics import (
+    accuracy,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    reliability_bins,
+)
 from ..paths import inside
 from .base import TASK_KINDS, TaskContext, TaskSpec, get_task_spec
+from .selection import Score, select_on_grid
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +65,13 @@ class LinearParams:
     val_fraction: float = 0.1  # held-out part of train for choosing the lr (never the test set)
     n_bins: int = 15  # ECE bins (Guo et al. 2017)
     max_train_samples: int = 0  # 0 = all; caps the train features used (for quick runs)
+    # Hard bounds of the lr grid's extension (tasks/selection.py). Low: the smallest lr of DINOv2's linear sweep
+    # (facebookresearch/dinov2, dinov2/eval/linear.py, learning_rates defaults 1e-5 .. 0.1). High: softmax
+    # cross-entropy has curvature at most lambda_max(E[x x^T]) / 2 in the head's weights, and SGD with momentum 0.9
+    # is stable below 2 (1 + 0.9) / curvature: that bound guarantees lr 100 (x batch / 256) only for features with
+    # lambda_max(E[x x^T]) < 0.076 (unit-variance features have it >= 1); a probe that wants more is flagged (edge).
+    lr_bounds: tuple[float, float] = (1e-5, 100.0)
+    standardise: bool = False  # z-score features with the training rows' statistics, as MAE (module docstring)
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,9 +106,13 @@ def _rows(x: Any, idx: torch.Tensor | np.ndarray, device: torch.device) -> torch
 
 def train_linear_head(features: Any, labels: np.ndarray, num_classes: int, *, lr: float, epochs: int,
                       batch_size: int, momentum: float, weight_decay: float, seed: int,
-                      device: torch.device | str = "cpu") -> torch.nn.Linear:
-    """Train a linear head on features [N, D] -> logits [N, C] with SGD + cosine schedule; returns it on CPU."""
+                      device: torch.device | str = "cpu", standardise: bool = False) -> torch.nn.Linear:
+    """Train a linear head on features [N, D] -> logits [N, C] with SGD + cosine schedule; returns it on CPU.
+
+    ``standardise``: train on (x - m) / s with the rows' per-dimension mean m and std s [D], then fold them into the
+    returned layer, which therefore takes raw features."""
     device = torch.device(device)
+    mean, std = feature_stats(features) if standardise else (None, None)
     gen = torch.Generator().manual_seed(seed)
     d = int(features.shape[1])
     head = torch.nn.Linear(d, num_classes)
@@ -102,13 +134,36 @@ def train_linear_head(features: Any, labels: np.ndarray, num_classes: int, *, lr
     for _ in range(epochs):
         for idx in _batches(n, bs, gen):
             xb = x_dev[idx.to(device)] if x_dev is not None else _rows(features, idx.numpy(), device)
+            if mean is not None:
+                xb = (xb - mean.to(device)) / std.to(device)
             yb = y_dev[idx.to(device)] if x_dev is not None else y_all[np.sort(idx.numpy())].to(device)
             loss = F.cross_entropy(head(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-    return head.cpu().eval()
+    head = head.cpu().eval()
+    if mean is not None:  # fold: W ((x - m) / s) + b = (W / s) x + (b - (W / s) m)
+        with torch.no_grad():
+            w = head.weight.double() / std.double()
+            head.bias.copy_((head.bias.double() - w @ mean.double()).float())
+            head.weight.copy_(w.float())
+    return head
+
+
+def feature_stats(x: Any, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std [D] of features [N, D] (memory-mapped too), in float64 chunks; std 1 if constant."""
+    n, d = int(x.shape[0]), int(x.shape[1])
+    total, total_sq = np.zeros(d), np.zeros(d)
+    for s in range(0, n, chunk):
+        part = np.asarray(x[s : s + chunk], dtype=np.float64)
+        total += part.sum(axis=0)
+        total_sq += (part * part).sum(axis=0)
+    mean = total / max(n, 1)
+    var = np.maximum(total_sq / max(n, 1) - mean * mean, 0.0)
+    std = np.sqrt(var)
+    std = np.where(std > 1e-6 * max(float(std.max(initial=0.0)), 1e-12), std, 1.0)  # constant dims map to 0
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 
 def predict_logits(head: torch.nn.Linear, features: Any, batch_size: int = 65536) -> np.ndarray:
@@ -127,61 +182,129 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LinearHead:
+    """A trained head with its lr selection: ``selection`` is ``Selection.as_extras()`` (grid, chosen, edge),
+    ``val_scores`` maps each lr evaluated (``f"{lr:g}"``) to its held-out ``top1`` and ``nll``; ``temperature`` is
+    None when nothing was held out."""
+
     head: torch.nn.Linear
     layer: str
     lr: float
     val_top1: float
     num_classes: int
+    temperature: float | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
+    val_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the head trained on the fit part at the chosen lr: the model ``temperature`` was fitted for (nll_ts, ece_ts)
+    calibration_head: torch.nn.Linear | None = None
 
     def logits(self, features: Any) -> np.ndarray:
         return predict_logits(self.head, features)
 
 
-def _head_key(train_key: str, params: LinearParams, seed: int, num_classes: int) -> str:
-    blob = json.dumps({"train": train_key, "params": asdict(params), "seed": seed, "c": num_classes, "v": 1},
-                      sort_keys=True, default=list)
+def _head_key(train_key: str, params: LinearParams, seed: int, num_classes: int,
+              classes: Sequence[int] | None) -> str:
+    # v3: lr grid extension (lr_bounds), the temperature, the selection and the fit-part head stored, class subsets
+    blob = json.dumps({"train": train_key, "params": asdict(params), "seed": seed, "c": num_classes,
+                       "classes": None if classes is None else list(classes), "v": 3}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def fit_linear_probe(ctx: TaskContext, train_ref: DatasetRef, params: LinearParams,
-                     num_classes: int | None = None) -> LinearHead:
-    """The linear head for (model, train set, params, seed): from the head cache, or trained with the lr chosen
-    on a held-out part of the training split."""
+def _load_head(path: Any, layer: str, c: int) -> LinearHead | None:
+    """The cached head at ``path`` with what the record needs, or None when absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        head = torch.nn.Linear(blob["weight"].shape[1], blob["weight"].shape[0])
+        head.load_state_dict({"weight": blob["weight"], "bias": blob["bias"]}, strict=True)
+        t = blob["temperature"]
+        calib = None
+        if blob["calibration_weight"] is not None:
+            calib = torch.nn.Linear(blob["calibration_weight"].shape[1], blob["calibration_weight"].shape[0])
+            calib.load_state_dict({"weight": blob["calibration_weight"], "bias": blob["calibration_bias"]}, strict=True)
+            calib.eval()
+        return LinearHead(head.eval(), layer, float(blob["lr"]), float(blob["val_top1"]), c,
+                          None if t is None else float(t), dict(blob["selection"]), dict(blob["val_scores"]), calib)
+    except Exception as exc:  # a damaged cache entry is recomputed, never trusted
+        log.warning("ignoring unreadable head cache %s (%s)", path, exc)
+        return None
+
+
+def _class_subset(x: Any, y: np.ndarray, classes: Sequence[int], train_ref: DatasetRef) -> tuple[Any, np.ndarray]:
+    """Rows of the training set whose label is in ``classes``, labels remapped to 0..len(classes)-1 in that order."""
+    wanted = np.asarray(classes, dtype=np.int64)
+    if wanted.ndim != 1 or len(wanted) == 0 or len(set(wanted.tolist())) != len(wanted) or wanted.min() < 0:
+        raise DataError(f"Expected `classes` to be distinct non-negative class indices, but got {list(classes)}")
+    absent = sorted(set(wanted.tolist()) - set(np.unique(y).tolist()))
+    if absent:
+        raise DataError(f"Classes {absent} have no training image in {train_ref.raw!r}; choose classes it has")
+    keep = np.flatnonzero(np.isin(y, wanted))
+    remap = np.full(int(max(y.max(), wanted.max())) + 1, -1, dtype=np.int64)
+    remap[wanted] = np.arange(len(wanted))
+    return x[keep], remap[y[keep]]
+
+
+def fit_linear_probe(ctx: TaskContext, train_ref: DatasetRef, params: LinearParams, num_classes: int | None = None,
+                     *, classes: Sequence[int] | None = None) -> LinearHead:
+    """The linear head for (model, train set, params, seed[, classes]): from the head cache, or trained at the lr
+    chosen on a held-out part of the training split (module docstring; ``tasks/selection.py``).
+
+    ``classes``: only training images of these classes are used, labelled 0..len(classes)-1 in the given order;
+    the head has len(classes) outputs (``num_classes`` is then ignored). ``max_train_samples`` caps the images
+    after this filter.
+    """
     train = ctx.features(train_ref, params.layer)
     x, y = train.features, np.asarray(train.labels)
+    if classes is not None:
+        classes = [int(v) for v in classes]
+        x, y = _class_subset(x, y, classes, train_ref)
     if params.max_train_samples and len(y) > params.max_train_samples:
         keep = np.sort(ctx.rng(7).choice(len(y), params.max_train_samples, replace=False))
         x, y = x[keep], y[keep]
-    c = num_classes or int(y.max()) + 1
-    key = _head_key(train.key + f"|n={len(y)}", params, ctx.seed, c)
+    c = len(classes) if classes is not None else (num_classes or int(y.max()) + 1)
+    key = _head_key(train.key + f"|n={len(y)}", params, ctx.seed, c, classes)
     path = inside(config.heads_dir(), key[:2], f"{key}.pt", what="probe head")
-    if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            head = torch.nn.Linear(blob["weight"].shape[1], blob["weight"].shape[0])
-            head.load_state_dict({"weight": blob["weight"], "bias": blob["bias"]}, strict=True)
-            return LinearHead(head.eval(), params.layer, float(blob["lr"]), float(blob["val_top1"]), c)
-        except Exception as exc:  # a damaged cache entry is recomputed, never trusted
-            log.warning("ignoring unreadable head cache %s (%s)", path, exc)
+    cached = _load_head(path, params.layer, c)
+    if cached is not None:
+        return cached
     fit_idx, val_idx = stratified_holdout(y, params.val_fraction, ctx.seed)
     x_fit, x_val = np.asarray(x[fit_idx], dtype=np.float32), np.asarray(x[val_idx], dtype=np.float32)
-    best = (-1.0, np.inf, params.base_lrs[0])
-    for lr in params.base_lrs:
+    y_val = y[val_idx]
+    best: dict[str, Any] = {"key": None, "logits": None}
+
+    def evaluate(lr: float) -> Score:
         head = train_linear_head(x_fit, y[fit_idx], c, lr=lr, epochs=params.epochs, batch_size=params.batch_size,
                                  momentum=params.momentum, weight_decay=params.weight_decay, seed=ctx.seed,
-                                 device=ctx.device)
-        logits = predict_logits(head, x_val)
-        top1 = float((logits.argmax(1) == y[val_idx]).mean()) if len(val_idx) else 0.0
-        nll = float(F.cross_entropy(torch.as_tensor(logits), torch.as_tensor(y[val_idx])).item()) if len(val_idx) else 0.0
-        if (top1, -nll) > (best[0], -best[1]):
-            best = (top1, nll, lr)
-    val_top1, _, lr = best
+                                 device=ctx.device, standardise=params.standardise)
+        logits = predict_logits(head, x_val).astype(np.float64)
+        if not len(val_idx):
+            score = Score(0.0, 0.0)
+        elif not np.all(np.isfinite(logits)):  # a diverged head: worse than any finite score
+            score = Score(float("nan"), float("nan"))
+        else:
+            nll = float(F.cross_entropy(torch.from_numpy(logits), torch.as_tensor(y_val, dtype=torch.long)).item())
+            score = Score(float((logits.argmax(1) == y_val).mean()), nll)
+        log.debug("linear probe lr %g: held-out top1 %.4f nll %.4f", lr, score.top1, score.nll)
+        if best["key"] is None or score.key > best["key"]:  # the rule of select_on_grid: the first best wins
+            best.update(key=score.key, logits=logits, head=head)
+        return score
+
+    sel = select_on_grid(params.base_lrs, evaluate, params.lr_bounds)
+    lr = sel.chosen
+    temperature = fit_temperature(best["logits"], y_val) if len(val_idx) else None
     head = train_linear_head(x, y, c, lr=lr, epochs=params.epochs, batch_size=params.batch_size,
                              momentum=params.momentum, weight_decay=params.weight_decay, seed=ctx.seed,
-                             device=ctx.device)
+                             device=ctx.device, standardise=params.standardise)
+    val_top1 = sel.scores[lr].top1
+    val_scores = {f"{v:g}": {"top1": sc.top1, "nll": sc.nll} for v, sc in sorted(sel.scores.items())}
+    calib = best["head"] if len(val_idx) else None
+    out = LinearHead(head, params.layer, lr, val_top1, c, temperature, sel.as_extras(), val_scores, calib)
     with atomic_path(path) as tmp:
-        torch.save({"weight": head.weight.detach(), "bias": head.bias.detach(), "lr": lr, "val_top1": val_top1}, tmp)
-    return LinearHead(head, params.layer, lr, val_top1, c)
+        torch.save({"weight": head.weight.detach(), "bias": head.bias.detach(), "lr": lr, "val_top1": val_top1,
+                    "temperature": temperature, "selection": out.selection, "val_scores": val_scores,
+                    "calibration_weight": None if calib is None else calib.weight.detach(),
+                    "calibration_bias": None if calib is None else calib.bias.detach()}, tmp)
+    return out
 
 
 @dataclass
@@ -270,18 +393,3 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 
     if probs.shape[1] >= 5:
         out[f"{prefix}top5"] = accuracy(probs, labels, k=5)
     return out
-
-
-def row_chunks(n: int, rows: np.ndarray | None, chunk: int) -> list[Any]:
-    """Row selections of ``chunk`` rows each: slices of range(n), or pieces of the sorted index array ``rows``."""
-    if rows is None:
-        return [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    return [rows[s : s + chunk] for s in range(0, len(rows), chunk)]
-
-
-def mean_sigma(sigma: Any, rows: np.ndarray | None = None) -> np.ndarray:
-    """Per-sample mean predictive sigma over K: sigma [N, K] (possibly memory-mapped; only ``rows``, sorted, when
-    given) -> [N or len(rows)] float64, read in chunks."""
-    parts = [np.asarray(sigma[sel], dtype=np.float64).mean(axis=1)
-             for sel in row_chunks(int(sigma.shape[0]), rows, 4096)]
-    return np.concatenate(parts) if parts else np.zeros(0)

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..data.base import DatasetRef
 from ..data.subsets import SubsetImageDataset, check_covers
-from .base import Task, TaskContext, TaskOutput, register_kind
+from ..metrics import ScoreSamples
+from .base import Task, TaskContext, TaskOutput, classification_samples, register_kind
 from .finetune import FinetuneParams, check_finetune_params, finetune, predict
 from .probes import check_subset_params, classification_metrics, labelled_subset, reliability_extras, softmax
 
@@ -28,8 +29,10 @@ class SemisupParams(FinetuneParams):
 
 
 def evaluate_finetuned(ctx: TaskContext, result: Any, test_ref: DatasetRef, params: FinetuneParams,
-                       num_classes: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Test metrics of a fine-tuned classifier (the model's eval transform), and extras for plots."""
+                       num_classes: int, main_score: str = "top1",
+                       ) -> tuple[dict[str, float], dict[str, Any], ScoreSamples | None]:
+    """Test metrics of a fine-tuned classifier (the model's eval transform), extras for plots, and the per-image
+    values of ``main_score`` (``classification_samples``)."""
     test = ctx.dataset(test_ref)
     logits, y = predict(result.model, test.with_transform(ctx.model.transform),
                         batch_size=ctx.settings.batch_size, device=ctx.device,
@@ -38,18 +41,20 @@ def evaluate_finetuned(ctx: TaskContext, result: Any, test_ref: DatasetRef, para
     metrics = classification_metrics(probs, y, params.n_bins)
     metrics.update({"val_top1": result.val_top1, "best_epoch": float(result.best_epoch)})
     extras = {"history": result.history, "reliability": reliability_extras(probs, y, params.n_bins)}
-    return metrics, extras
+    return metrics, extras, classification_samples(main_score, probs, y)
 
 
-def run_finetune(ctx: TaskContext, train_set: Any, test_ref: DatasetRef, params: FinetuneParams, name: str) -> TaskOutput:
-    """Fine-tune on ``train_set`` and evaluate on ``test_ref`` (shared by the semisup and transfer kinds)."""
+def run_finetune(ctx: TaskContext, train_set: Any, test_ref: DatasetRef, params: FinetuneParams, name: str,
+                 main_score: str = "top1") -> TaskOutput:
+    """Fine-tune on ``train_set`` and evaluate on ``test_ref`` (shared by the semisup and transfer kinds); the
+    output's samples are the per-image values of ``main_score``."""
     test_labels = np.asarray(ctx.dataset(test_ref).labels)
     num_classes = int(max(np.max(train_set.labels), test_labels.max())) + 1
     result = finetune(ctx.model, train_set, np.asarray(train_set.labels), num_classes, params, seed=ctx.seed,
                       device=ctx.device, num_workers=ctx.settings.num_workers, precision=ctx.settings.precision,
                       desc=f"{ctx.model.spec.name} {name}")
-    metrics, extras = evaluate_finetuned(ctx, result, test_ref, params, num_classes)
-    return TaskOutput(metrics, extras)
+    metrics, extras, samples = evaluate_finetuned(ctx, result, test_ref, params, num_classes, main_score)
+    return TaskOutput(metrics, extras, samples)
 
 
 @register_kind("semisup")
@@ -76,7 +81,7 @@ class SemisupTask(Task):
         labelled = SubsetImageDataset(train, subset.indices)
         test = ctx.dataset(test_ref)
         check_covers(labelled.labels, np.asarray(test.labels), test.class_names, f"{self.spec.name} (seed {ctx.seed})")
-        out = run_finetune(ctx, labelled, test_ref, p, self.spec.name)
+        out = run_finetune(ctx, labelled, test_ref, p, self.spec.name, self.spec.main_score)
         out.metrics["n_labelled"] = float(len(subset))
         out.extras["subset"] = subset.info
         return out

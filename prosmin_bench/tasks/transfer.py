@@ -29,4 +29,4 @@ class TransferFinetuneTask(Task):
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         train = ctx.dataset(self.spec.refs["train"])
-        return run_finetune(ctx, train, self.spec.refs["test"], self.params, self.spec.name)
+        return run_finetune(ctx, train, self.spec.refs["test"], self.params, self.spec.name, self.spec.main_score)
