@@ -17,7 +17,7 @@ Two sources:
    A single ``[reported.<task>]`` table also works; ``unit = "percent"`` (or ``"fraction"``) may be given per
    table, or per metric as ``top1 = { value = 76.8, unit = "percent" }``. A card's ``paper`` field is the
    citation when ``source`` is absent.
-2. :data:`PAPER_CONSTANTS`: the tables of PROTOCOLS.md (the ProSMin paper and the baselines' own papers), each
+2. :data:`PAPER_CONSTANTS`: the tables of docs/protocols.md (the ProSMin paper and the baselines' own papers), each
    with its citation. A constant is shown for a (model, task, metric) only when no card reports that triple, so a
    card always wins and the constants fill in for models without cards (and, in the tests, check the cards).
 
@@ -69,7 +69,7 @@ class ReportedScore:
     source: str  # citation: authors, venue, table
     epochs: int | None = None  # pretraining epochs of the paper's model, when the source says
     note: str = ""  # e.g. "300-epoch model, not the released checkpoint", or a protocol difference
-    origin: str = ""  # the card file, or "PROTOCOLS.md" for the constants
+    origin: str = ""  # the card file, or "docs/protocols.md" for the constants
 
 
 PROSMIN_PAPER = "Vahidi et al. 2024 (ProSMin, ICLR)"
@@ -81,7 +81,7 @@ MOCOV3_PAPER = "Chen, Xie and He 2021 (MoCo v3, ICCV)"
 def _c(model: str, task: str, metric: str, value: float, source: str, epochs: int | None = None,
        note: str = "") -> ReportedScore:
     return ReportedScore(model=model, suite="imagenet", task=task, metric=metric, value=value, source=source,
-                         epochs=epochs, note=note, origin="PROTOCOLS.md")
+                         epochs=epochs, note=note, origin="docs/protocols.md")
 
 
 def _paper_rows() -> list[ReportedScore]:
@@ -135,7 +135,7 @@ def _paper_rows() -> list[ReportedScore]:
     ):
         rows += [_c(model, "imagenet_o", "auroc", auroc / 100, t5, epochs, note),
                  _c(model, "imagenet_c", "mce", mce, t5, epochs, note)]
-    # The baselines' own papers (PROTOCOLS.md, "Reference numbers from the baselines' own papers").
+    # The baselines' own papers (docs/protocols.md, "Reference numbers from the baselines' own papers").
     rows += [
         _c("dino_vits16", "imagenet_knn", "top1_k20", 0.745, DINO_PAPER, 800),
         _c("dino_vits16", "imagenet_linear", "top1", 0.770, DINO_PAPER, 800),
@@ -146,7 +146,7 @@ def _paper_rows() -> list[ReportedScore]:
     return rows
 
 
-#: Paper numbers from PROTOCOLS.md (ViT-S/16 on ImageNet), in record units, each with its citation. Shown only
+#: Paper numbers from docs/protocols.md (ViT-S/16 on ImageNet), in record units, each with its citation. Shown only
 #: for a (model, task, metric) that no card reports; the tests also check the cards against them.
 PAPER_CONSTANTS: tuple[ReportedScore, ...] = tuple(_paper_rows())
 

@@ -211,7 +211,7 @@ def test_shipped_cards_describe_the_official_checkpoints():
     assert dino.arch_kwargs == {} and ibot.arch_kwargs == {}
     assert "CC-BY-NC" in moco.licence and "Apache" in dino.licence and "Apache" in ibot.licence
     assert prosmin.weights.recipe == "prosmin_vits16_in1k" and prosmin.weights.url is None
-    # the paper numbers (PROTOCOLS.md "Paper-reported numbers"), as fractions, each with a citation
+    # the paper numbers (docs/protocols.md "Paper-reported numbers"), as fractions, each with a citation
     assert {e["top1_k20"] for e in dino.reported["imagenet_knn"]} == {0.745}
     assert {e["top1_k20"] for e in ibot.reported["imagenet_knn"]} == {0.752}
     assert [e["top1_k20"] for e in prosmin.reported["imagenet_knn"]] == [0.762]

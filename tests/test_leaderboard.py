@@ -276,7 +276,7 @@ def test_reported_numbers_sit_in_their_own_table(tmp_path: Path) -> None:
 
 
 def test_cards_agree_with_the_protocols_constants() -> None:
-    """Two transcriptions of the papers' tables (PROTOCOLS.md constants, baselines/ cards) must agree."""
+    """Two transcriptions of the papers' tables (docs/protocols.md constants, baselines/ cards) must agree."""
     from prosmin_bench.models.zoo import catalogue
 
     carded = [s for _, s in catalogue().items() if s.reported]

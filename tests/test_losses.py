@@ -148,7 +148,7 @@ def released_code_loss(student_sample: torch.Tensor, teacher_out: list[torch.Ten
 
 
 def test_released_code_loss_is_22_times_energy_score_lam_1_over_2_2_l1() -> None:
-    """PROTOCOLS.md: 10 (first / n + 2.4 second / r) = 20 (E|X - Y| - 0.6 E|X - X'|) = 22 ES(lam = 1/2.2, L1)."""
+    """docs/protocols.md: 10 (first / n + 2.4 second / r) = 20 (E|X - Y| - 0.6 E|X - X'|) = 22 ES(lam = 1/2.2, L1)."""
     g = torch.Generator().manual_seed(4)
     r, V, T, N, D = 4, 6, 2, 5, 11
     samples = torch.randn(V, r, N, D, generator=g, dtype=torch.float64)

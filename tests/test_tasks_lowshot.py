@@ -58,6 +58,23 @@ LOWSHOT = """
 """
 
 
+def _cached_digits_cls(model_name: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The cached final-norm CLS features [N, D] (float64) and labels [N] of the digits train and test splits that a
+    run of ``model_name`` extracted (the reference computations below start from the same features)."""
+    from prosmin_bench.data import resolve_dataset
+    from prosmin_bench.features import cache_key
+    from prosmin_bench.models import get_model
+
+    model = get_model(model_name)
+    out = []
+    for split in ("train", "test"):
+        ds = resolve_dataset(f"digits:{split}")
+        fs = load_cached(cache_key(model, f"digits@1:{split}", ds.fingerprint, "cls", "fp32", "float32"))
+        assert fs is not None, split
+        out.append((np.asarray(fs.features, dtype=np.float64), np.asarray(fs.labels)))
+    return out[0], out[1]
+
+
 def test_lowshot_matches_sklearn_on_the_same_subset_and_lambda(tmp_path, shared_home, monkeypatch):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, log_loss
@@ -79,21 +96,9 @@ def test_lowshot_matches_sklearn_on_the_same_subset_and_lambda(tmp_path, shared_
     assert isinstance(bad, ErrorRecord) and bad.error_type == "DataError" and "some class" in bad.message
 
     # Independent reference for seed 1: sklearn's stratified draw, held-out choice over the grid, refit, test.
-    from prosmin_bench.features import cache_key
-    from prosmin_bench.models import get_model
-
-    model = get_model("random_micro")
-    feats = {}
-    for split in ("train", "test"):
-        from prosmin_bench.data import resolve_dataset
-
-        ds = resolve_dataset(f"digits:{split}")
-        key = cache_key(model, f"digits@1:{split}", ds.fingerprint, "cls", "fp32", "float32")
-        fs = load_cached(key)
-        assert fs is not None
-        x = np.asarray(fs.features, dtype=np.float64)
-        feats[split] = (x / np.linalg.norm(x, axis=1, keepdims=True), np.asarray(fs.labels))
-    (x_tr, y_tr), (x_te, y_te) = feats["train"], feats["test"]
+    l2 = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    (x_tr, y_tr), (x_te, y_te) = _cached_digits_cls("random_micro")
+    x_tr, x_te = l2(x_tr), l2(x_te)
     seed = 1
     idx, _ = train_test_split(np.arange(len(y_tr)), train_size=144, stratify=y_tr, random_state=seed)
     idx = np.sort(idx)
@@ -145,28 +150,17 @@ def test_standardised_lowshot_matches_sklearn_on_z_scored_then_l2_normalised_fea
     from sklearn.metrics import accuracy_score, log_loss
     from sklearn.model_selection import train_test_split
 
-    from prosmin_bench.data import resolve_dataset
-    from prosmin_bench.features import cache_key
-    from prosmin_bench.models import get_model
-
     monkeypatch.setenv("PROSMIN_BENCH_HOME", str(shared_home))
     d = tmp_path / "cards"
     d.mkdir()
-    card = (textwrap.dedent(LOWSHOT).replace("t_lowshot", "t_lowshot_std").replace("lambdas = [0.01, 1.0]", "lambdas = []")
-            + "standardise = true\n")
+    card = (textwrap.dedent(LOWSHOT).replace("t_lowshot", "t_lowshot_std")
+            .replace("lambdas = [0.01, 1.0]", "lambdas = []") + "standardise = true\n")
     (d / "t.toml").write_text(card)
     cards.add_card_dir(d)
     (rec,) = evaluate(["random_micro"], ["t_lowshot_std"],
                       options=RunOptions(seeds=(2,), device="cpu", results_dir=tmp_path / "r"))
     assert isinstance(rec, ResultRecord), rec
-    model = get_model("random_micro")
-    raw = {}
-    for split in ("train", "test"):
-        ds = resolve_dataset(f"digits:{split}")
-        fs = load_cached(cache_key(model, f"digits@1:{split}", ds.fingerprint, "cls", "fp32", "float32"))
-        assert fs is not None
-        raw[split] = (np.asarray(fs.features, dtype=np.float64), np.asarray(fs.labels))
-    (x_tr, y_tr), (x_te, y_te) = raw["train"], raw["test"]
+    (x_tr, y_tr), (x_te, y_te) = _cached_digits_cls("random_micro")
     idx, _ = train_test_split(np.arange(len(y_tr)), train_size=144, stratify=y_tr, random_state=2)
     x, y = x_tr[np.sort(idx)], y_tr[np.sort(idx)]
     mu, sd = x.mean(0), x.std(0)

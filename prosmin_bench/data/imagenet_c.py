@@ -3,7 +3,7 @@
 Layout: ``<data_root>/imagenet-c/<corruption>/<severity 1-5>/<wnid>/*.JPEG`` (the 15 corruptions of
 ``metrics.CORRUPTIONS``). Splits are ``<corruption>/<severity>``, e.g. ``imagenet_c:fog/3``; labels follow the
 1,000 ImageNet wnids (``_refdata/imagenet_wnids.txt``). The images are already 224 px (Resize 256 + CenterCrop 224
-at generation), so the corruption task feeds them through CenterCrop + normalise only (PROTOCOLS.md).
+at generation), so the corruption task feeds them through CenterCrop + normalise only (docs/protocols.md).
 
 ``build_imagenet_c`` makes the same layout from ``<data_root>/imagenet/val/<wnid>/*.JPEG`` the way the original
 generation script did (hendrycks/robustness ``ImageNet-C/create_c/make_imagenet_c.py``): Resize 256 (bilinear) +

@@ -1,6 +1,6 @@
 """Labelled subsets for the low-shot and semi-supervised tasks.
 
-Two sources (PROTOCOLS.md "Splits 1% / 10%"):
+Two sources (docs/protocols.md "Splits 1% / 10%"):
 
 - a SimCLR split file (``imagenet_subsets/1percent.txt`` / ``10percent.txt`` of google-research/simclr, shipped as
   ``_refdata/imagenet_{1,10}percent.txt``): one train file name per line, e.g. ``n04235860_14959.JPEG``; the wnid

@@ -6,14 +6,14 @@
   over seeds; the best learned model of a ranked task in bold, ``≈`` where a paired bootstrap cannot tell a model
   from it, :mod:`.significance`), ``task@version`` headers, learned models sorted by mean rank over the ranked tasks,
   then the reference rows (``model_info.reference``: never ranked);
-* numbers reported in papers (``prosmin_bench.reported``: model cards and PROTOCOLS.md's tables) in their own
+* numbers reported in papers (``prosmin_bench.reported``: model cards and docs/protocols.md's tables) in their own
   tables, next to the measured ones and never mixed into them;
 * a section per task family (knn, linear, lowshot, semisup, ood, corruption, transfer, collapse, then any other
   kind) with every metric of every task, the main score's 95% interval (``ci95``; none for older records), the
   models not compared for significance and why, and links to the plots (``prosmin_bench.plots``). Metrics only
-  some models can have (a ``group`` in ``prosmin_bench.metrics.metric_info``: scores from ProSMin's predictive distribution,
-  collapse of the projector outputs) get their own table under the task's table, with rows for the models that
-  report them and a line saying what they are;
+  some models can have (a ``group`` in ``prosmin_bench.metrics.metric_info``: scores from ProSMin's predictive
+  distribution, collapse of the projector outputs) get their own table under the task's table, with rows for the
+  models that report them and a line saying what they are;
 * stale results (older task versions: never aggregated with the newest), failed runs (error records) and
   unreadable files (listed and ignored).
 

@@ -25,7 +25,7 @@ import numpy as np
 from prosmin_bench.metrics._checks import MetricArgumentError, positive_int, probs_and_labels
 from prosmin_bench.metrics.info import FRACTION, MetricInfo
 
-#: 15 equal-width bins, as in Guo et al. (2017) and the ProSMin paper's ECE (PROTOCOLS.md).
+#: 15 equal-width bins, as in Guo et al. (2017) and the ProSMin paper's ECE (docs/protocols.md).
 DEFAULT_N_BINS = 15
 
 METRIC_INFO: dict[str, MetricInfo] = {"ece": MetricInfo(higher_is_better=False, unit=FRACTION)}

@@ -57,7 +57,7 @@ ALEXNET_ERRORS: dict[str, tuple[float, float, float, float, float]] = {
 }
 
 #: AlexNet clean ImageNet top-1 error used for relative mCE. A third-party constant (the value in Hendrycks &
-#: Dietterich's ImageNet-C evaluation code, 2019), not measured by this suite (PROTOCOLS.md).
+#: Dietterich's ImageNet-C evaluation code, 2019), not measured by this suite (docs/protocols.md).
 ALEXNET_CLEAN_ERROR = 0.4345
 
 #: Record names: mCE in percent; a corruption's CE is a ratio of errors (``ce_fog``), shown as recorded.

@@ -1,7 +1,7 @@
 """Backbone architectures by name (no weights here: weights have their own names, see ``models/zoo.py``).
 
 ``vit_micro`` is the suite's 32-px ViT for the mini scale (~0.46M parameters: dim 96, depth 4, 3 heads, patch 4;
-PROTOCOLS.md "Measured here on the mini data"). ``vit_small_patch16`` is timm's ViT-S/16 as used by DINO, iBOT,
+docs/protocols.md "Measured here on the mini data"). ``vit_small_patch16`` is timm's ViT-S/16 as used by DINO, iBOT,
 MoCo-v3 and ProSMin. Any timm model is reachable as ``timm:<name>``. ``pixels`` and ``pixels_randproj`` are the
 non-learned references of the mini leaderboard (:class:`PixelFeatures`): no parameter, nothing to train.
 """

@@ -1,7 +1,7 @@
 """Checkpoint converters: one pure function per checkpoint format, mapping a loaded checkpoint to a state dict
 for the timm backbone (``num_classes=0``), followed by a strict load (``models/weights.py``).
 
-Formats (PROTOCOLS.md "Official baseline checkpoints"; key names checked against the official repositories):
+Formats (docs/protocols.md "Official baseline checkpoints"; key names checked against the official repositories):
 
 - ``plain``: a bare backbone state dict in timm/DINO key names (``dino_deitsmall16_pretrain.pth`` as loaded by
   DINO's ``hubconf.py`` with ``strict=True``; timm weights). DINO's and iBOT's ViT use timm's parameter names

@@ -7,7 +7,7 @@ pretraining checkpoint (a ProSMin model's predictive sigma, any method's project
   ``out_dim`` outputs without bias.
 - :class:`IBOTHead`: DINO's head applied to every token, with iBOT's separate patch output layer.
 - :func:`build_mlp`: MoCo-v3's projector and predictor MLPs (Linear, BN, ReLU; a last BN without affine).
-- :class:`ProbabilisticPredictor` (ProSMin, PROTOCOLS.md "ProSMin"): maps the projection to a diagonal Gaussian
+- :class:`ProbabilisticPredictor` (ProSMin, docs/protocols.md "ProSMin"): maps the projection to a diagonal Gaussian
   ``(mu, sigma)`` with ``sigma = exp(0.5 * log-variance)``.
 
 A head's size comes from its method's config (``cfg``): the method's ``MethodConfig`` while training, the

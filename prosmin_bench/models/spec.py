@@ -19,7 +19,7 @@ INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "ham
 class Preprocess:
     """Eval preprocessing of PIL images.
 
-    ImageNet scale follows DINO's eval (Resize 256 bicubic + CenterCrop 224 + ImageNet mean/std, PROTOCOLS.md
+    ImageNet scale follows DINO's eval (Resize 256 bicubic + CenterCrop 224 + ImageNet mean/std, docs/protocols.md
     k-NN). Mini scale feeds the 32-px images as they are.
     """
 

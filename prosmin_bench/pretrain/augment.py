@@ -8,7 +8,7 @@ Two backends with one config (:class:`~prosmin_bench.pretrain.config.MultiCropCo
 - :class:`TensorMultiCrop`: the same kinds of operations applied to a whole batch at once on the compute device
   (random resized crop, optional rotation and shear as one affine warp through ``affine_grid``/``grid_sample``,
   brightness/contrast/saturation jitter, grayscale, Gaussian blur, solarize, Gaussian noise). For small images
-  (the 32-px mini scale) it is several times faster than per-image PIL (PROTOCOLS.md "Measured here on the mini
+  (the 32-px mini scale) it is several times faster than per-image PIL (docs/protocols.md "Measured here on the mini
   data"). Every random number about an image comes from that image's generator (``pretrain/rng.py``).
 """
 

@@ -42,13 +42,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MultiCropConfig:
-    """Multi-crop views (DINO, Caron et al. 2021; ProSMin uses DINO's recipe: PROTOCOLS.md "Multi-crop").
+    """Multi-crop views (DINO, Caron et al. 2021; ProSMin uses DINO's recipe: docs/protocols.md "Multi-crop").
 
     ``backend="pil"`` is DINO's per-image torchvision pipeline (RandomResizedCrop, flip, colour jitter, grayscale,
     blur, solarize) run in DataLoader workers. ``backend="tensor"`` is a batched on-device pipeline for small
     images (random resized crop as an affine warp via ``affine_grid``/``grid_sample``, optional small rotation
     and shear, brightness/contrast jitter, Gaussian noise), several times faster than per-image PIL on 32-px
-    data (PROTOCOLS.md "Measured here on the mini data"); its randomness is drawn per image from (seed, epoch,
+    data (docs/protocols.md "Measured here on the mini data"); its randomness is drawn per image from (seed, epoch,
     image index), so it does not depend on batch split, world size or resumption.
     """
 
@@ -82,7 +82,7 @@ class MultiCropConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with DINO's schedules (PROTOCOLS.md "Optimisation")."""
+    """AdamW with DINO's schedules (docs/protocols.md "Optimisation")."""
 
     epochs: int = 800  # ProSMin paper: 300 or 800 epochs
     batch_size: int = 512  # global batch (all processes); paper: 512 on 8 GPUs
@@ -111,7 +111,7 @@ class RunConfig:
     monitor_every: int = 50
     # Warn once when an effective rank falls below this fraction of min(batch - 1, width) after being above it:
     # vit_micro's random-init target backbone sits at 0.16 on a digits batch (15 of 96), the collapsed micro
-    # runs of PROTOCOLS.md at 0.03-0.08 (on test features).
+    # runs of docs/protocols.md at 0.03-0.08 (on test features).
     collapse_warn_fraction: float = 0.1
 
 

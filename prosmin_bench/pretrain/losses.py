@@ -11,7 +11,7 @@ estimates are (DESIGN.md "pretrain.losses")
 ``lam = 0.5`` with ``distance="l2"`` is half the textbook energy score E||Z - y|| - 0.5 E||Z - Z'||.
 ``distance="l1"`` is the mean absolute difference over the D dimensions, what the released code
 (``scoreloss.py``) computes with ``F.l1_loss``; its loss ``10 * (first / n + 2.4 * second / r)`` equals
-``22 * energy_score(..., lam=1/2.2, distance="l1")`` (PROTOCOLS.md "ProSMin").
+``22 * energy_score(..., lam=1/2.2, distance="l1")`` (docs/protocols.md "ProSMin").
 
 Implementation: pairwise distances come from ``torch.cdist`` batched over images (L1, or L2 without the
 matrix-product shortcut, which cancels catastrophically when samples are close), so nothing of shape

@@ -1,7 +1,7 @@
 """Pretraining recipes: named, typed, complete configs (one place; each value that differs from the config
 defaults says where it comes from).
 
-- ``prosmin_vits16_in1k``: ProSMin ViT-S/16 on ImageNet-1k with the paper's values (PROTOCOLS.md "ProSMin").
+- ``prosmin_vits16_in1k``: ProSMin ViT-S/16 on ImageNet-1k with the paper's values (docs/protocols.md "ProSMin").
 - ``prosmin_micro``: ProSMin on the bundled digits (32 px) with the micro ViT, tuned inside ProSMin's own knobs
   (augmentation, length, widths, EMA, head options; never the objective) for about two minutes on two CPU cores.
   Measured here (seed 0; digits test, k-NN k=20, T=0.07, cosine; effective rank of the 96-d test features):
@@ -37,7 +37,7 @@ defaults says where it comes from).
   at ImageNet scale. On two CPU cores BN gives 0.522 at 14 epochs (lr 2e-3 or 4e-3, batch 32, EMA from 0.98;
   0.519 from 0.99) and 0.539 at 28, still below the initialisation: it needs about ten times this recipe's budget
   (10 x 101 s, about 17 minutes here), so the recipe keeps its two-minute length and the leaderboard shows the
-  collapse with its metrics (PROTOCOLS.md: a faithful method that collapses at micro scale is a finding).
+  collapse with its metrics (docs/protocols.md: a faithful method that collapses at micro scale is a finding).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ register_recipe(Recipe(
         data=DataConfig(dataset="imagenet", num_workers=10),  # released code --num_workers 10
         crops=MultiCropConfig(backend="pil"),  # DINO/ProSMin: 2 x 224 (0.4-1) + 16 x 96 (0.05-0.4)
         optim=OptimConfig(epochs=800, batch_size=512, lr=0.0005, warmup_epochs=30, weight_decay=0.04,
-                          weight_decay_end=0.4, clip_grad=3.0),  # paper values (PROTOCOLS.md "Optimisation")
+                          weight_decay_end=0.4, clip_grad=3.0),  # paper values (docs/protocols.md "Optimisation")
         run=RunConfig(checkpoint_every_steps=2500),  # ~1 epoch at batch 512 (1,281,167 images)
     ),
 ))
@@ -121,7 +121,7 @@ register_recipe(Recipe(
         ),
         data=DataConfig(dataset="digits", num_workers=0, mean=MINI_MEAN, std=MINI_STD),
         # Mild, digit-safe views: no flips (digits are not flip-invariant), no colour jitter, blur or solarize,
-        # a small affine warp and pixel noise (PROTOCOLS.md "Measured here on the mini data"). Stronger views
+        # a small affine warp and pixel noise (docs/protocols.md "Measured here on the mini data"). Stronger views
         # (scale 0.6-1, +-10 deg rotation and 5 deg shear, jitter 0.4, blur) and 16-px local crops made the online
         # network predict the targets' marginal (sigma ~ target spread) and lose its features faster.
         crops=MultiCropConfig(

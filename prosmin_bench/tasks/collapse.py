@@ -135,7 +135,7 @@ def _chunked_mean(features: Any) -> float:
 
 @dataclass(frozen=True)
 class CollapseParams:
-    layer: str = "cls"  # final-norm CLS of the target backbone: the features k-NN scores (PROTOCOLS.md k-NN)
+    layer: str = "cls"  # final-norm CLS of the target backbone: the features k-NN scores (docs/protocols.md k-NN)
     variance_fraction: float = 0.99  # issue 7: dimensions needed for 99% of the variance
     spectrum_size: int = 256  # leading singular values kept in the record for the spectrum plot
     max_samples: int = 0  # 0 = every row; else a seeded subset (SVD cost grows as N * D * min(N, D))

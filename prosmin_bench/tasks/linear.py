@@ -2,9 +2,10 @@
 
 Features: final-norm CLS of the last ``n`` blocks concatenated (DINO, ViT-S: n = 4 -> 1536-d). Head: one linear
 layer, weights N(0, 0.01), zero bias; SGD momentum 0.9, weight decay 0, cosine schedule, lr scaled by
-batch / 256 (PROTOCOLS.md "Linear"). The features are not standardised (DINO's eval_linear.py feeds them to the head
-as extracted). DINO reports its best epoch on val; here the learning rate is chosen on a held-out part of the
-training split (stratified, fixed by the seed), the grid extended log-spaced past an edge choice until the choice
+batch / 256 (docs/protocols.md "Linear"). The features go to the head as extracted (DINO's eval_linear.py)
+unless the card sets ``standardise`` (z-scored with the train rows' statistics, folded into the head:
+``tasks/probes.py``). DINO reports its best epoch on val; here the learning rate is chosen on a held-out part of
+the training split (stratified, fixed by the seed), the grid extended log-spaced past an edge choice until the choice
 is interior or ``lr_bounds`` is reached (``tasks/selection.py``: ties, plateaus, the bounds), then the head is
 retrained on the whole training split for the fixed number of epochs and evaluated once on test. The trained head
 is cached and reused by the OOD and corruption tasks (the head itself is ``tasks/probes.py``).

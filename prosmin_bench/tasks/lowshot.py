@@ -1,6 +1,6 @@
 """Low-shot classification: logistic regression on frozen features of a small labelled subset.
 
-Protocol (PROTOCOLS.md "Low-shot"; DINO / iBOT ``eval_logistic_regression.py``, which use cyanure): the final-norm
+Protocol (docs/protocols.md "Low-shot"; DINO / iBOT ``eval_logistic_regression.py``, which use cyanure): the final-norm
 CLS features, L2-normalised; multinomial logistic regression with an L2 penalty and no intercept. Cyanure minimises
 (1/N) sum_i loss_i + (lambda/2) ||W||^2; scikit-learn minimises C sum_i loss_i + (1/2) ||W||^2, so C = 1/(lambda N).
 lambda comes from a grid (iBOT's {0.01, 0.1, 1} and DINO's 0.1/N) and is chosen by stratified K-fold cross-validation
@@ -12,12 +12,12 @@ for ImageNet, a stratified draw per seed elsewhere (``data/subsets.py``).
 Selection (``tasks/selection.py``: ties, plateaus) scores each lambda by the top-1 and NLL of the out-of-fold
 predictions pooled over the folds: with 144 labelled digits a single 20% held-out part (29 images) let one image
 decide, and one seed in 24 still ran into the lower bound; pooling holds out all 144. The grid's entries are compared
-as numbers at the folds' mean fit-part N_fit (a ``0.1/N`` entry is 0.1 / N_fit there); when the choice is the smallest or largest, the grid is extended
-log-spaced on that side until the choice is interior or ``lambda_bounds`` is reached. A point added past a lambda/N
-entry is a lambda/N entry too (c / r / N), so the refit on the whole subset uses lambda = value x N_fit / N; other
-values are refit as they are. ``extras["selection"]["lambda"]`` lists the values at N_fit (those compared), while
-the recorded ``lambda`` is the refit's; ``val_scores`` labels each point as the card does (``"0.01"``,
-``"0.1/N"``).
+as numbers at the folds' mean fit-part N_fit (a ``0.1/N`` entry is 0.1 / N_fit there); when the choice is the
+smallest or largest, the grid is extended log-spaced on that side until the choice is interior or ``lambda_bounds``
+is reached. A point added past a lambda/N entry is a lambda/N entry too (c / r / N), so the refit on the whole subset
+uses lambda = value x N_fit / N; other values are refit as they are. ``extras["selection"]["lambda"]`` lists the
+values at N_fit (those compared), while the recorded ``lambda`` is the refit's; ``val_scores`` labels each point as
+the card does (``"0.01"``, ``"0.1/N"``).
 
 Standardisation (protocol field ``standardise``, off by default: DINO and iBOT only L2-normalise): each feature
 dimension is centred and scaled by the labelled subset's own mean and standard deviation (the test features with the
@@ -65,7 +65,7 @@ class LowShotParams:
     subset_file: str = ""  # SimCLR split file (shipped name or path); empty: stratified draw of `fraction`
     fraction: float = 0.0  # labelled fraction for the stratified draw (seeded)
     lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)  # iBOT eval_logistic_regression.py --lr_lambd
-    lambdas_over_n: tuple[float, ...] = (0.1,)  # DINO: lambda = 0.1 / N (PROTOCOLS.md)
+    lambdas_over_n: tuple[float, ...] = (0.1,)  # DINO: lambda = 0.1 / N (docs/protocols.md)
     val_fraction: float = 0.2  # held-out share per fold: K = round(1 / val_fraction) folds choose lambda
     # Folds used of those K (0: all). ImageNet's subsets hold out 2.6k / 25.6k images in one fold, plenty to choose
     # on, and each fit there takes minutes: their cards use 1 (a single held-out part, as DINO / iBOT choose).

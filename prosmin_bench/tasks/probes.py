@@ -1,17 +1,17 @@
 """What the probe kinds share: the held-out split, the cached linear head (trained here, reused by the OOD and
 corruption tasks through ``head_task``), the labelled subset and classification metrics (sigma: ``tasks/sigma.py``).
 
-The linear head (DINO ``eval_linear.py``, PROTOCOLS.md "Linear"): one linear layer, weights N(0, 0.01), zero bias;
+The linear head (DINO ``eval_linear.py``, docs/protocols.md "Linear"): one linear layer, weights N(0, 0.01), zero bias;
 SGD with momentum, cosine schedule, lr scaled by batch / 256, on the features as extracted (as DINO). With the
 protocol field ``standardise`` (the mini cards set it) features are first z-scored with the training rows' mean and
 std, as MAE's probe does (facebookresearch/mae ``main_linprobe.py``: ``BatchNorm1d(affine=False, eps=1e-6)`` before
 the head); the statistics are folded into the layer, so the head takes raw features wherever it is used. The micro
 models need it: their tokens share a large common component (unstandardised, the open-set head reached 40-73%).
-The lr is chosen on a stratified held-out part of the training split (never the test set) by
-``tasks/selection.py``: the card's grid ``base_lrs``, extended log-spaced past an edge choice up to ``lr_bounds``. The head is then retrained on the whole
-split at the chosen lr and cached by content (the train features' key and count, every param, the seed, the class
-count and the class subset), together with what the record needs (the chosen lr, the held-out top-1, every lr
-evaluated with its held-out scores, the temperature), so a cached head gives the same record as a fresh one.
+The lr is chosen on a stratified held-out part of the training split (never the test set) by ``tasks/selection.py``:
+the card's grid ``base_lrs``, extended log-spaced past an edge choice up to ``lr_bounds``. The head is then retrained
+on the whole split at the chosen lr and cached by content (the train features' key and count, every param, the seed,
+the class count and the class subset), together with what the record needs (the chosen lr, the held-out top-1, every
+lr evaluated with its held-out scores, the temperature), so a cached head gives the same record as a fresh one.
 
 The temperature (``tasks/scaling.py``) is fitted on the held-out split's logits of the head trained on the fit part
 at the chosen lr, and nll_ts / ece_ts are that head's test logits / T (the cache keeps it too).

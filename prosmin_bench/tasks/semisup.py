@@ -1,6 +1,6 @@
 """Semi-supervised classification: fine-tune backbone + linear head on a labelled subset, evaluate on test.
 
-Protocol (PROTOCOLS.md "Semi-supervised"; iBOT ``evaluation/README.md``): the SimCLR 1% / 10% ImageNet splits,
+Protocol (docs/protocols.md "Semi-supervised"; iBOT ``evaluation/README.md``): the SimCLR 1% / 10% ImageNet splits,
 end-to-end fine-tuning (iBOT: lr 5e-6, 1000 epochs, from the first layer of the projection head). The suite's
 backbones carry no projection head (official checkpoints ship the backbone only), so the new linear head sits on the
 final-norm CLS token, as in DINO's fine-tuning. The loop and its model selection (best epoch on a held-out part of

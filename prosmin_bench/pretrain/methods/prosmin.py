@@ -7,7 +7,7 @@ by an EMA of its batch mean. r reparameterised samples z = mu + sigma * eps per 
 each target view with a proper scoring rule (``losses.py``), averaged over (online view, target view) pairs.
 The two networks are defined with the models (``models/networks.py``), which rebuild them from a checkpoint.
 
-Differences from the released code (``amirvhd/SSL-sore-rule``), which PROTOCOLS.md lists as bugs: the target is
+Differences from the released code (``amirvhd/SSL-sore-rule``), which docs/protocols.md lists as bugs: the target is
 its own backbone (the code wraps the online backbone, which ties the two); the centre is updated with the raw
 target outputs (the code updates it from already-centred outputs, whose fixed point is half the mean); nothing
 assumes CUDA.
@@ -29,7 +29,7 @@ from .base import METHODS, BackboneFactory, MethodConfig, MultiCropBatch, Pretra
 
 @dataclass(frozen=True)
 class ProSMinConfig(MethodConfig):
-    """ProSMin's knobs; defaults from the paper / released code (PROTOCOLS.md "ProSMin")."""
+    """ProSMin's knobs; defaults from the paper / released code (docs/protocols.md "ProSMin")."""
 
     momentum_start: float = 0.9  # released code --momentum_target 0.9, cosine to 1
     momentum_end: float = 1.0
@@ -46,10 +46,10 @@ class ProSMinConfig(MethodConfig):
     score: str = "energy"  # "energy" (paper's best, Table 3) or "kernel"
     distance: str = "l1"  # paper Table 3 best row "Energy (L1 loss)"; released code F.l1_loss
     beta: float = 1.0  # paper
-    lam: float = 1.0 / 2.2  # released code lam_code = 2.4 <=> paper lam = 1 / 2.2 (PROTOCOLS.md)
+    lam: float = 1.0 / 2.2  # released code lam_code = 2.4 <=> paper lam = 1 / 2.2 (docs/protocols.md)
     gamma: float = 1.0  # Gaussian kernel bandwidth (kernel score only)
     loss_scale: float = 1.0  # constant factor; the released loss is 22 x energy_score(lam=1/2.2, l1)
-    center_momentum: float = 0.9  # PROTOCOLS.md: centre = EMA of the target's batch mean, momentum 0.9
+    center_momentum: float = 0.9  # docs/protocols.md: centre = EMA of the target's batch mean, momentum 0.9
     include_same_view: bool = True  # released code scores a global view against itself too (DINO does not)
 
 
