@@ -215,7 +215,8 @@ def run_one(spec: TaskSpec, source: FeatureSource, *, seeds: Sequence[int], run_
         model_info={"method": mspec.method, "arch": mspec.arch, "weights": mspec.weights.kind,
                     "recipe": mspec.weights.recipe, "pretrained_on": list(mspec.pretrained_on),
                     "weights_path": model.weights_path, "reference": bool(mspec.reference),
-                    **({"network": model.network} if model.network else {})},
+                    **({"network": model.network} if model.network else {}),
+                    **({"variant_of": mspec.variant_of} if mspec.variant_of else {})},
         versions=versions(), git_commit=git_commit(), device=str(settings.device), wall_time_s=wall,
         images_per_second=(sum(ips) / len(ips)) if ips else None, timestamp_utc=utc_now(),
     )

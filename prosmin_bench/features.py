@@ -103,8 +103,9 @@ def cache_key(model: Any, dataset_id: str, fingerprint: str, layer: str, precisi
         "dtype": dtype,
     }
     # Which network of a pretraining checkpoint the backbone is (models.converters.pretrain_eval_network): the
-    # weights file is the same either way. Every cache entry written before MoCo-v3 checkpoints were evaluated with
-    # their base encoder came from the target network, so only another network enters the key: those stay valid.
+    # weights file is the same either way. Every cache entry written before MoCo-v3 (then ProSMin, issue 19)
+    # checkpoints were evaluated with their online network came from the target network, so only another network
+    # enters the key: those stay valid for the target (prosmin_target_micro), and online features never mix with them.
     if model.network not in (None, "target"):
         parts["network"] = model.network
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -127,7 +128,7 @@ def store(fs: FeatureSet, root: Path | None = None) -> None:
 
 def _forward(model: Any, images: torch.Tensor, layer: str) -> torch.Tensor:
     """images [N, 3, H, W] -> [N, D] in ``layer``: a backbone layer, ``predictive_mu`` / ``predictive_sigma`` (the
-    online predictive distribution) or ``projector`` (target backbone -> target projection head)."""
+    online predictive distribution) or ``projector`` (the evaluated network's backbone -> its projection head)."""
     if layer in ("predictive_mu", "predictive_sigma"):
         mu, sigma = model.predictive(images)
         return mu if layer == "predictive_mu" else sigma

@@ -13,7 +13,6 @@ mini model). Under torchrun it follows the rank protocol of ``distributed.py`` (
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -40,7 +39,7 @@ from .results import (
     CorruptRecord, as_json,
 )
 from .settings import PRECISIONS, STORE_DTYPES, EvalSettings
-from .tasks import TaskSpec, build_task, get_task_spec
+from .tasks import TaskSpec, build_task, get_task_spec, linear_aug
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,8 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, net
         log.info("%s was computed with %s; recomputing with %s", path, then, settings)
         return None
     # A pretraining checkpoint evaluated through another of its networks (records from before MoCo-v3 checkpoints
-    # were evaluated with their base encoder say nothing, which meant the target network).
+    # were evaluated with their base encoder say nothing, which meant the target network; ProSMin's records that
+    # say "target" predate its online evaluation, issue 19, and are remade).
     if network is not None and (rec.model_info or {}).get("network", "target") != network:
         return None
     if not set(seeds) <= set(rec.seeds):
@@ -217,6 +217,11 @@ def _serve_extraction(mspecs: Sequence[ModelSpec], opts: RunOptions, dev: torch.
                 source.features(*message[1:])  # (ref, layer, preprocess) as FeatureSource.features announced
             except Exception as exc:  # the same failure reaches rank 0 from inside the extraction
                 log.debug("rank %d: %s", distributed.rank(), one_line(exc))
+        elif message[0] == linear_aug.SERVE_MESSAGE and source is not None:
+            # a DDP training pass rank 0 leads (tasks/linear_aug.py). Not caught: a follower that failed here would
+            # leave rank 0 waiting in an all-reduce, so it exits and torchrun stops the group; the records written
+            # so far are kept and the run resumes from them.
+            linear_aug.serve(source, message)
 
     distributed.follow(handle)
 

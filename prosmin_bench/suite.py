@@ -28,7 +28,7 @@ from .errors import ProsminBenchError, WeightsError
 from .models import ModelSpec
 from .models.custom import MODULE_PREFIX
 from .models.checkpoints import check_format, interrupted_at
-from .models.weights import interrupted_message, load_checkpoint_file, remake_advice
+from .models.weights import interrupted_message, load_checkpoint_file, remake_advice, weights_dir_candidates
 from .models.zoo import catalogue as model_catalogue
 from .models.zoo import get_model_spec
 from .paths import recipe_checkpoint_path
@@ -114,8 +114,7 @@ def ensure_weights(spec: ModelSpec, opts: RunOptions) -> None:
     """
     if not (opts.pretrain_missing and spec.weights.recipe and spec.scale == "mini" and opts.weights is None):
         return
-    if opts.weights_dir and any(p.is_file() for p in (Path(opts.weights_dir) / spec.name / "checkpoint.pt",
-                                                       Path(opts.weights_dir) / f"{spec.name}.pt")):
+    if any(p.is_file() for p in weights_dir_candidates(spec, opts.weights_dir)):
         return  # get_model loads the given file (and refuses it if it is interrupted)
     recipe = spec.weights.recipe
     path = recipe_checkpoint_path(recipe)

@@ -111,7 +111,7 @@ def test_user_model_card(tmp_path):
 
 
 @pytest.mark.parametrize("weights, message", [
-    ("random = true\ninit = \"xavier\"", "must be one of ['timm', 'sincos']"),
+    ("random = true\ninit = \"xavier\"", "must be one of ['timm', 'sincos', 'mocov3']"),
     ("recipe = \"prosmin_micro\"\ninit = \"sincos\"", "needs random = true"),
 ])
 def test_model_card_random_init_is_checked(tmp_path, weights, message):

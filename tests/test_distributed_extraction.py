@@ -48,6 +48,22 @@ CORRUPTION_CARDS = {
         base_lrs = [0.1]
         batch_size = 64
     """,
+    "dx_aug.toml": """
+        name = "dx_aug"
+        kind = "linear_aug"
+        version = 1
+        suite = "mini"
+        main_score = "top1"
+        [datasets]
+        train = "digits:train"
+        test = "digits:test"
+        [protocol]
+        epochs = 1
+        base_lrs = [0.1]
+        batch_size = 64
+        crop_scale = [0.6, 1.0]
+        hflip = false
+    """,
     "dx_c.toml": """
         name = "dx_c"
         kind = "corruption"
@@ -207,10 +223,17 @@ def worker(out: Path) -> None:
     records = evaluate("random_micro", "digits_knn", options=RunOptions(
         seeds=(0,), device="cpu", results_dir=out / "results", pretrain_missing=False, batch_size=128))
     report["records"] = [[rec.task, type(rec).__name__, getattr(rec, "per_seed", None)] for rec in records]
-    # The corruption task: its no-resize view of the model, a preprocessing variant, is extracted by every rank.
-    step("corruption")
+    # The augmented linear probe: rank 0 leads each training pass, rank 1 follows it in the runner's serve loop.
+    step("linear_aug")
     from prosmin_bench import cards
 
+    cards.add_card_dir(out / "cards")
+    records = evaluate("random_micro", "dx_aug", options=RunOptions(
+        seeds=(0,), device="cpu", results_dir=out / "results_aug", pretrain_missing=False, batch_size=128))
+    report["linear_aug"] = [[rec.task, type(rec).__name__, getattr(rec, "per_seed", getattr(rec, "message", None))]
+                            for rec in records]
+    # The corruption task: its no-resize view of the model, a preprocessing variant, is extracted by every rank.
+    step("corruption")
     _count_view_rows(report)
     _small_digits(setattr)
     cards.add_card_dir(out / "cards")
@@ -332,6 +355,28 @@ def test_runner_under_torchrun_rank0_alone_runs_the_protocol_and_writes(two_rank
     (ref,) = evaluate("random_micro", "digits_knn", options=RunOptions(
         seeds=(0,), device="cpu", results_dir=tmp_path / "results", pretrain_missing=False, batch_size=128))
     assert per_seed == ref.per_seed  # the same features, hence exactly the same metrics
+
+
+def test_linear_aug_under_torchrun_trains_on_both_ranks_and_equals_one_process(two_ranks, tmp_path):
+    from prosmin_bench import cards
+    from prosmin_bench.runner import RunOptions, evaluate
+
+    out, reports = two_ranks
+    assert reports[1]["linear_aug"] == []  # rank 1 only followed (extraction and the DDP training passes)
+    (task, kind, per_seed), = reports[0]["linear_aug"]
+    assert (task, kind) == ("dx_aug", "ResultRecord"), per_seed
+    try:
+        cards.add_card_dir(out / "cards")
+        (ref,) = evaluate("random_micro", "dx_aug", options=RunOptions(
+            seeds=(0,), device="cpu", results_dir=tmp_path / "results", pretrain_missing=False, batch_size=128))
+    finally:
+        cards.clear_card_dirs()
+    # The same per-image augmentations and the same global batches, except that DistributedSampler pads the odd
+    # number of training images (1,293 fit / 1,437 all) with a repeat of the first, as DINO's does: close, not equal
+    # (an idle follower would hang, a wrong lr scaling or unsynchronised heads would move these far more).
+    got, want = per_seed["0"], ref.per_seed["0"]
+    assert got["lr"] == want["lr"]
+    assert abs(got["nll"] - want["nll"]) < 0.05 and abs(got["top1"] - want["top1"]) <= 4 / 360
 
 
 def test_corruption_view_is_extracted_by_every_rank_and_equals_one_process(two_ranks, monkeypatch, tmp_path):

@@ -3,7 +3,8 @@
 The fake root holds: ``imagenet/{train,val}/<wnid>/*.JPEG`` whose train files are the very names SimCLR's shipped
 1% / 10% split files list for three classes; ``imagenet-o/<wnid>/`` with all 200 ImageNet-O folders;
 ``imagenet-c/<corruption>/<severity>/<wnid>/`` for the 15 x 5 tree; ``transfer/<name>/{train,test}/<class>/``.
-The shipped cards run as they are, except that the fine-tuning ones get copies with 1 epoch (user cards).
+The shipped cards run as they are, except that the fine-tuning ones and the augmented linear probe get copies with
+1 epoch (user cards).
 """
 
 from __future__ import annotations
@@ -73,11 +74,14 @@ def _toml_value(v) -> str:
     return repr(v)
 
 
-def fast_copy(name: str, folder: Path) -> str:
-    """A user card ``t_<name>``: the shipped card with the FAST protocol overrides."""
+def fast_copy(name: str, folder: Path, fast: dict | None = None) -> str:
+    """A user card ``t_<name>``: the shipped card with the FAST protocol overrides (``fast``: others), without its
+    ``deviations`` (metadata: an array of tables this small writer does not need)."""
     data = tomllib.loads((Path(cards.builtin_card_dir("tasks")) / f"{name}.toml").read_text())
     data["name"] = f"t_{name}"
-    data["protocol"].update(FAST)
+    data.pop("deviations", None)
+    data.pop("variant_of", None)  # its base task is not copied
+    data["protocol"].update(FAST if fast is None else fast)
     lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
     for table in ("datasets", "protocol"):
         lines.append(f"[{table}]")
@@ -89,6 +93,8 @@ def fast_copy(name: str, folder: Path) -> str:
 AS_SHIPPED = ["imagenet_knn", "imagenet_linear", "imagenet_lowshot_1pct", "imagenet_lowshot_10pct", "imagenet_o",
               "imagenet_c"] + [f"transfer_{t}_linear" for t in TRANSFER]
 FINETUNE = ["imagenet_semisup_1pct", "imagenet_semisup_10pct"] + [f"transfer_{t}" for t in TRANSFER]
+# The augmented linear probe gets 1 epoch at batch 32 (its card has no warm-up or eval_every fields).
+LINEAR_AUG = {"imagenet_linear_aug": {"epochs": 1, "batch_size": 32}}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +116,7 @@ def fake_run(fake_root, module_home, tmp_path_factory):
     cards.add_card_dir(card_dir)
     try:
         copies = {n: fast_copy(n, card_dir) for n in FINETUNE}
+        copies.update({n: fast_copy(n, card_dir, fast) for n, fast in LINEAR_AUG.items()})
         tasks = AS_SHIPPED + list(copies.values())
         results = tmp_path_factory.mktemp("results")
         recs = evaluate([TINY], tasks, options=RunOptions(seeds=(0,), device="cpu", results_dir=results,
@@ -124,7 +131,8 @@ def test_every_imagenet_scale_task_is_covered():
     from prosmin_bench.tasks import catalogue
 
     shipped = {n for n, s in catalogue().items() if s.suite == "imagenet" and s.kind != "collapse"}
-    assert shipped == set(AS_SHIPPED) | set(FINETUNE)  # a new ImageNet-scale card must be added to this test
+    # a new ImageNet-scale card must be added to this test
+    assert shipped == set(AS_SHIPPED) | set(FINETUNE) | set(LINEAR_AUG)
 
 
 def test_every_imagenet_scale_task_runs_end_to_end(fake_run):
@@ -171,7 +179,7 @@ def test_imagenet_c_uses_alexnet_by_name_and_all_75_sets(fake_run):
 
 def test_finetune_tasks_report_the_chosen_epoch(fake_run):
     recs, copies = fake_run
-    for t in copies.values():
+    for t in (copies[n] for n in FINETUNE):
         assert recs[t].mean["best_epoch"] == 1.0 and recs[t].extras["history"]
 
 

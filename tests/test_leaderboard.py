@@ -360,3 +360,105 @@ def test_cli_writes_the_committed_pages_byte_for_byte_without_touching_the_check
                                              + [out / f for f in figures])
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no temporary file left behind
     assert _tree(committed) == before
+
+
+# ------------------------------------------------------------------ issue 19: deviations, protocol variants, variants
+def _task_card(folder: Path, name: str, top: str = "", tail: str = "") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.toml").write_text(
+        f'name = "{name}"\nkind = "linear"\nversion = 1\nsuite = "mini"\nmain_score = "top1"\n{top}\n'
+        '[datasets]\ntrain = "digits:train"\ntest = "digits:test"\n' + tail)
+
+
+DEVIATION = ('\n[[deviations]]\nfield = "training views"\npaper = "RandomResizedCrop + flip (eval_linear.py:85-90)"\n'
+             'ours = "cached centre-crop features"\nwhy = "extracted once"\n')
+
+
+def test_tasks_with_deviations_are_marked_and_list_them(tmp_path: Path) -> None:
+    from prosmin_bench.leaderboard.format import MARK_DEVIATES
+
+    _task_card(tmp_path / "cards", "lb_dev", tail=DEVIATION)
+    _task_card(tmp_path / "cards", "lb_exact", "deviations = []")
+    cards.add_card_dir(tmp_path / "cards")
+    root = tmp_path / "results"
+    for task in ("lb_dev", "lb_exact"):
+        for i, model in enumerate(["dino_micro", "prosmin_micro"]):
+            write_record(record(model, task, {0: {"top1": 0.5 + 0.1 * i}}, kind="linear"), root)
+    text = leaderboard.render(root, "mini")
+    lines = text.splitlines()
+    assert f"### lb_dev@1 {MARK_DEVIATES}" in lines and "### lb_exact@1" in lines
+    assert not any(line.startswith("### lb_exact") and MARK_DEVIATES in line for line in lines)
+    assert ("- `training views`: here cached centre-crop features. Paper: RandomResizedCrop + flip "
+            "(eval_linear.py:85-90). Why: extracted once.") in lines
+    summary = table_after(text, "## Summary (measured)")
+    assert f"lb_dev@1 {MARK_DEVIATES} top1 (%) ↑" in summary[0] and "lb_exact@1 top1 (%) ↑" in summary[0]
+    assert MARK_DEVIATES in leaderboard.render(root, "mini").split("## Summary")[0]  # the legend explains it
+    assert leaderboard.render(root, "mini") == text
+
+
+def test_variant_gap_equals_the_difference_of_the_seed_means(tmp_path: Path) -> None:
+    _task_card(tmp_path / "cards", "lb_base")
+    _task_card(tmp_path / "cards", "lb_aug", 'variant_of = "lb_base"')
+    cards.add_card_dir(tmp_path / "cards")
+    root = tmp_path / "results"
+    rng = np.random.default_rng(3)
+    values = {(t, m): rng.uniform(0.3, 0.9, size=3) for t in ("lb_base", "lb_aug")
+              for m in ("dino_micro", "ibot_micro", "prosmin_micro")}
+    values.pop(("lb_aug", "ibot_micro"))  # a model with one record only is left out
+    for (task, model), v in values.items():
+        write_record(record(model, task, {s: {"top1": float(x)} for s, x in enumerate(v)}, kind="linear"), root)
+    gaps = {m: 100 * (float(np.mean(values[("lb_aug", m)])) - float(np.mean(values[("lb_base", m)])))
+            for m in ("dino_micro", "prosmin_micro")}
+    text = leaderboard.render(root, "mini")
+    (line,) = [x for x in text.splitlines() if x.startswith("Protocol variant of `lb_base`")]
+    assert (f"lb_aug@1 − lb_base@1, `top1` (points)" in line
+            and f"dino_micro {gaps['dino_micro']:+.2f}, prosmin_micro {gaps['prosmin_micro']:+.2f};" in line
+            and f"mean over 2 learned models {statistics.mean(gaps.values()):+.2f}." in line)
+    assert "ibot_micro" not in line
+    section = text.split("### lb_aug@1")[1].split("###")[0]
+    assert line in section  # in the variant's own section
+    # a reference row is listed but not averaged: the mean stays over the learned models
+    for task in ("lb_base", "lb_aug"):
+        rec = record("pixels", task, {0: {"top1": 0.99 if task == "lb_aug" else 0.01}}, kind="linear")
+        rec.model_info["reference"] = True
+        write_record(rec, root)
+    (line,) = [x for x in leaderboard.render(root, "mini").splitlines() if x.startswith("Protocol variant of")]
+    assert "pixels +98.00 (not averaged)" in line
+    assert f"mean over 2 learned models {statistics.mean(gaps.values()):+.2f}." in line
+
+
+def test_variant_models_are_listed_beside_their_model_but_never_ranked(tmp_path: Path) -> None:
+    from prosmin_bench.leaderboard.board import sorted_by_main
+
+    root = tmp_path / "results"
+    scores = {"dino_micro": 0.60, "prosmin_micro": 0.50, "prosmin_target_micro": 0.90, "random_micro": 0.20}
+    for task in ("digits_knn", "digits_linear"):
+        for model, v in scores.items():
+            rec = record(model, task, {0: {"top1": v}, 1: {"top1": v + 0.01}}, kind=task.split("_")[1])
+            if model == "prosmin_target_micro":
+                rec.model_info.update({"variant_of": "prosmin_micro", "network": "target", "method": "prosmin"})
+            write_record(rec, root)
+    board = collect(root)
+    current = board.current("mini")
+    ranks = mean_ranks(current)
+    assert set(ranks) == {"dino_micro", "prosmin_micro", "random_micro"}
+    assert ranks == {"dino_micro": 1.0, "prosmin_micro": 2.0, "random_micro": 3.0}  # as if the variant were absent
+    order = [r.model for r in sorted_by_main(current["digits_knn"], "top1")]
+    assert order == ["dino_micro", "prosmin_micro", "prosmin_target_micro", "random_micro"]
+    text = leaderboard.render(root, "mini")
+    summary = table_after(text, "## Summary (measured)")
+    assert [r["model"] for r in summary] == ["dino_micro", "prosmin_micro",
+                                             "prosmin_target_micro (variant of prosmin_micro, target network)",
+                                             "random_micro"]
+    by_model = {r["model"]: r for r in summary}
+    variant = by_model["prosmin_target_micro (variant of prosmin_micro, target network)"]
+    assert variant["mean rank ↓"] == "—" and "**" not in variant["digits_knn@1 top1 (%) ↑"]
+    assert by_model["dino_micro"]["digits_knn@1 top1 (%) ↑"].startswith("**")  # the best learned model, not the variant
+
+
+def test_imagenet_c_section_reads_the_papers_mce_as_corruption_error(tmp_path: Path) -> None:
+    text = leaderboard.render(tmp_path / "none", "imagenet")
+    section = text.split("### imagenet_c")[1].split("\n## ")[0]
+    assert "mean calibration error" in section and "mean corruption error" in section
+    assert "lower is better" in section
+    assert section.splitlines()[0].endswith("¶")  # the head of imagenet_linear (cached features) differs

@@ -16,12 +16,15 @@ def test_vit_micro_is_a_few_hundred_thousand_parameters():
     assert 300_000 < n < 600_000
 
 
-def test_random_sincos_micro_is_random_micro_with_mocov3_fixed_positions():
-    """Same draw as random_micro except the position embedding, which is vits.py's 2-D sin-cos table written out
-    directly here: [CLS] row zero, then per patch (row i, column j) [sin(i w), cos(i w), sin(j w), cos(j w)]."""
+def test_random_sincos_micro_is_random_micro_with_mocov3_init_and_fixed_positions():
+    """random_micro's architecture with MoCo-v3's vits.py init (its statistics: tests/test_pretrain_fidelity.py):
+    the norms as random_micro's, the linears and the patch projection redrawn, and the position embedding vits.py's
+    2-D sin-cos table written out directly here: [CLS] row zero, then per patch (row i, column j) [sin(i w),
+    cos(i w), sin(j w), cos(j w)]."""
     a, b = get_model("random_micro").net.state_dict(), get_model("random_sincos_micro").net.state_dict()
     assert set(a) == set(b)
-    assert all(torch.equal(a[k], b[k]) for k in a if k != "pos_embed")
+    assert all(torch.equal(a[k], b[k]) for k in a if "norm" in k)
+    assert not any(torch.equal(a[k], b[k]) for k in a if k.endswith(("qkv.weight", "fc1.weight", "proj.weight")))
     dim, quarter = 96, 24
     omega = [1.0 / 10000 ** (d / quarter) for d in range(quarter)]
     ref = torch.zeros(1, 65, dim)

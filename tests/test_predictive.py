@@ -2,7 +2,7 @@
 
 References are independent of the code under test: scikit-learn's ``roc_auc_score`` / ``average_precision_score``,
 ``scipy.stats.spearmanr``, a pair-by-pair loop for the sample dispersion, the probe's logits recomputed from the
-cached head weights, the projection recomputed from the checkpoint's ``target`` state with a fresh DINO head, and
+cached head weights, the projection recomputed from the checkpoint's ``online`` state with a fresh DINO head, and
 RankMe from numpy's SVD.
 """
 
@@ -252,10 +252,11 @@ def test_registry_exposes_predictive_and_projector_only_for_pretraining_checkpoi
         mu, sigma = model.predictive(images)
         z = model.projector(images)
     assert mu.shape == sigma.shape == z.shape == (24, 256) and bool((sigma > 0).all())
-    # the projection recomputed from the checkpoint's target state: a fresh head on the (target) backbone
+    # the projection recomputed from the checkpoint's online state (ProSMin is evaluated on its online network, the
+    # paper's Sec. 6): a fresh head on the (online) backbone
     ckpt = load(prosmin_ckpt)
     head = _reference_head("prosmin", model.embed_dim, config_from_dict(ckpt["config"]).method_config)
-    head.load_state_dict(strip_prefix(ckpt["target"], "head."), strict=True)
+    head.load_state_dict(strip_prefix(ckpt["online"], "head."), strict=True)
     head.eval()  # the registry evaluates in eval mode (BN heads use their running statistics)
     with torch.no_grad():
         ref = head(model.net(images))

@@ -232,12 +232,13 @@ def test_pretrain_writes_a_loadable_checkpoint_and_log(tmp_path):
     for key in ("loss", "s1", "s2", "sigma", "lr", "wd", "momentum", "images_per_s"):
         assert all(math.isfinite(r[key]) for r in lines)
 
-    # the model registry loads the target backbone strictly; its features are the checkpoint's target backbone
+    # the model registry loads the ONLINE backbone strictly (ProSMin paper Sec. 6: "we freeze the encoder of the
+    # online network"); its features are the checkpoint's online backbone
     model = get_model("prosmin_micro", weights=path)
     from prosmin_bench.models.architectures import build_architecture
 
     ref = build_architecture("vit_micro")
-    ref.load_state_dict({k[len("backbone."):]: v for k, v in ckpt["target"].items() if k.startswith("backbone.")})
+    ref.load_state_dict({k[len("backbone."):]: v for k, v in ckpt["online"].items() if k.startswith("backbone.")})
     ref.eval()
     x = torch.randn(4, 3, 32, 32)
     assert torch.allclose(model(x), ref(x), atol=1e-6)
@@ -288,9 +289,9 @@ def test_vits16_recipe_checkpoint_loads_strictly_as_prosmin_vits16(tmp_path):
     assert ckpt["arch"] == "vit_small_patch16" and ckpt["step"] == 1
     model = get_model("prosmin_vits16", weights=path)
     assert model.embed_dim == 384
-    target = {k[len("backbone."):]: v for k, v in ckpt["target"].items() if k.startswith("backbone.")}
+    online = {k[len("backbone."):]: v for k, v in ckpt["online"].items() if k.startswith("backbone.")}
     for k, v in model.net.state_dict().items():
-        assert torch.equal(v, target[k])
+        assert torch.equal(v, online[k])
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

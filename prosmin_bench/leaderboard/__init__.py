@@ -21,6 +21,20 @@ A model is marked ``‡`` when it was pretrained on data the task evaluates on (
 and ``†`` when it was pretrained on another split of an evaluation dataset, typically its train split (the
 standard self-supervised protocol, so a note only); see :func:`board.pretraining_overlap`.
 
+Two marks and two notes come from the task cards, not the records. ``¶`` after a task (section heading, measured
+summary header, the line under the reported summary): its card lists ``deviations``, the ways its protocol differs
+from the paper's behind the reported numbers, and its section lists them (field: here, paper, why). A task whose card
+says ``variant_of = X`` shows in its section each model's main-score difference from X (the difference of the means
+over seeds, for the models with records of both, and their mean). Why the catalogue and not the records: the
+reported numbers already come from code and cards (:mod:`prosmin_bench.reported`), and a task shown with reported
+numbers only has no record to carry anything; a deviation is a statement about the card's protocol against a paper,
+not a measurement, so editing it must not make records stale or be frozen into old ones (a card's deviations describe
+its current version; the section says so when the records are of another). Rows of a model that is a variant of
+another (``model_info.variant_of``, e.g. ``prosmin_target_micro``: the ``prosmin_micro`` checkpoint through its
+target network) come from the records, as the references do: they are listed beside that model and never ranked.
+The papers' "mCE" is read as mean corruption error (a note under every table showing a reported ``mce``).
+Everything is sorted, so the page stays a deterministic function of the result files and the cards.
+
 The work is split by job: :mod:`.board` (records -> each task's newest version, families, ranks), :mod:`.format`
 (numbers, units, mean ± std, intervals, marks), :mod:`.significance` (paired tests against each task's best),
 :mod:`.summary` (the measured summary, the mini page's opening), :mod:`.sections` (the task and reported tables, the

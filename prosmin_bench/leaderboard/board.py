@@ -8,6 +8,9 @@ pretraining (``"digits:train"``; a bare name such as ``"imagenet"`` means the wh
 :func:`pretraining_overlap` says ``"eval"`` when it was pretrained on data the task evaluates on (the same dataset
 and split, or an unspecified split, as any dataset role other than ``train``), ``"train"`` when on another split of
 an evaluation dataset (the standard self-supervised protocol), else ``""``.
+
+Rows never ranked: references (``model_info.reference``) and variants of another model (``model_info.variant_of``);
+both are tabulated, the variants beside the model they are a variant of.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from .format import finite
 FAMILIES: tuple[tuple[str, str], ...] = (
     ("knn", "k-NN classification"),
     ("linear", "Linear probe"),
+    ("linear_aug", "Linear probe on augmented images (DINO's eval_linear.py as run)"),
     ("lowshot", "Low-shot classification (frozen features)"),
     ("semisup", "Semi-supervised fine-tuning"),
     ("ood", "Out-of-distribution detection"),
     ("corruption", "Corruption robustness"),
-    ("transfer", "Transfer"),
+    ("transfer_finetune", "Transfer by fine-tuning"),
     ("collapse", "Dimensional collapse"),
 )
 FAMILY_TITLES = {**dict(FAMILIES), "unregistered": "Tasks without a card in this installation"}
@@ -175,6 +179,30 @@ def is_reference(record: ResultRecord) -> bool:
     return (record.model_info or {}).get("reference") is True
 
 
+def variant_of(record: ResultRecord) -> str | None:
+    """The model a variant row is a variant of (``model_info["variant_of"]``: the same weights seen another way,
+    e.g. ``prosmin_target_micro``, the ``prosmin_micro`` checkpoint through its target network), else None."""
+    value = (record.model_info or {}).get("variant_of")
+    return value if isinstance(value, str) and value else None
+
+
+def is_unranked(record: ResultRecord) -> bool:
+    """A row that is shown but never ranked, best or compared: a reference (:func:`is_reference`) or a variant of
+    another model (:func:`variant_of`), which would otherwise count its method twice."""
+    return is_reference(record) or variant_of(record) is not None
+
+
+def task_deviations(task: str) -> tuple[Any, ...]:
+    """The card's ``deviations`` (``tasks.base.Deviation``: where the task's protocol differs from the paper's
+    behind the reported numbers), () when it states none or has no card in this installation."""
+    return tuple(registered_task(task, "deviations") or ())
+
+
+def task_variant_of(task: str) -> str | None:
+    """The task ``task`` is a protocol variant of (its card's ``variant_of``), None when none or no card."""
+    return registered_task(task, "variant_of")
+
+
 def task_ranked(task: str, rs: Sequence[ResultRecord]) -> bool:
     """Whether ``task`` counts in the mean rank: its records' ``ranked``, else (records made before it was recorded)
     its card's, else True."""
@@ -202,9 +230,10 @@ def _rank(values: dict[str, float], higher: bool) -> dict[str, float]:
 
 def mean_ranks(current: Mapping[str, Sequence[ResultRecord]]) -> dict[str, float]:
     """Each learned model's mean over the ranked tasks (:func:`task_ranked`) of its rank by the task's main score; a
-    missing result counts as last. Reference models (:func:`is_reference`) are left out; NaN when no task is ranked."""
-    models = sorted({r.model for rs in current.values() for r in rs if not is_reference(r)})
-    ranked = {t: [r for r in rs if not is_reference(r)] for t, rs in current.items() if task_ranked(t, rs)}
+    missing result counts as last. Reference and variant rows (:func:`is_unranked`) are left out; NaN when no task is
+    ranked."""
+    models = sorted({r.model for rs in current.values() for r in rs if not is_unranked(r)})
+    ranked = {t: [r for r in rs if not is_unranked(r)] for t, rs in current.items() if task_ranked(t, rs)}
     if not models:
         return {}
     totals = dict.fromkeys(models, 0.0)
@@ -221,11 +250,27 @@ def mean_ranks(current: Mapping[str, Sequence[ResultRecord]]) -> dict[str, float
 
 def sorted_by_main(rs: Sequence[ResultRecord], main: str) -> list[ResultRecord]:
     """Records best first by ``main`` in its better direction, references after the learned models; records without a
-    finite value last (within each), by model."""
+    finite value last (within each), by model. A variant row (:func:`variant_of`) follows the row of the model it is
+    a variant of (side by side), or comes last when that model has no row here."""
     higher = higher_is_better(main)
 
     def key(r: ResultRecord) -> tuple[bool, int, float, str]:
         v = r.mean.get(main, float("nan"))
         return (is_reference(r), *((0, -v if higher else v, r.model) if finite(v) else (1, 0.0, r.model)))
 
-    return sorted(rs, key=key)
+    return beside_bases(sorted((r for r in rs if variant_of(r) is None), key=key),
+                        sorted((r for r in rs if variant_of(r) is not None), key=key), lambda r: r.model, variant_of)
+
+
+def beside_bases(rows: Sequence[Any], variants: Sequence[Any], name: Any, base: Any) -> list[Any]:
+    """``rows`` in order, each followed by the ``variants`` whose ``base(v)`` is its ``name(row)`` (in their order);
+    variants whose base has no row come last."""
+    out: list[Any] = []
+    placed: set[int] = set()
+    for row in rows:
+        out.append(row)
+        for i, v in enumerate(variants):
+            if i not in placed and base(v) == name(row):
+                out.append(v)
+                placed.add(i)
+    return out + [v for i, v in enumerate(variants) if i not in placed]

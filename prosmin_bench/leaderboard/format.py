@@ -18,6 +18,7 @@ MARK_EVAL = "‡"
 MARK_TRAIN = "†"
 MARK_SAME = "≈"
 MARK_EDGE = "§"
+MARK_DEVIATES = "¶"
 REFERENCE = "(reference)"
 NOT_RANKED = "(not ranked)"
 LEGEND = (f"{MARK_EVAL}: pretrained on data the task evaluates on (not comparable). {MARK_TRAIN}: pretrained on "
@@ -31,7 +32,12 @@ LEGEND = (f"{MARK_EVAL}: pretrained on data the task evaluates on (not comparabl
           f"grid for at least one seed (the score may be held back by the grid). {REFERENCE}: a non-learned "
           "reference (e.g. `pixels`, the raw normalised pixels as features), listed under the learned models to "
           f"place the numbers; never ranked, best or compared. {NOT_RANKED}: a diagnostic task, shown but not "
-          "counted in the mean rank and without significance marks.")
+          "counted in the mean rank and without significance marks. `(variant of M)`: the same weights as model M "
+          "evaluated another way (e.g. through another network of its pretraining checkpoint), listed beside M and, "
+          "like a reference, never ranked, best or compared; ProSMin checkpoints are evaluated through their online "
+          "encoder, as the paper's Sec. 6 says, unless a row is marked as the target-network variant. "
+          f"{MARK_DEVIATES} after a task: its protocol differs from the one behind the numbers papers report for it; "
+          "the task's section lists each difference (the card's `deviations`).")
 
 
 def finite(x: Any) -> bool:
@@ -134,11 +140,24 @@ def ref_text(ref: Any) -> str:
     return json.dumps(ref, sort_keys=True)
 
 
-def model_cell(model: str, overlap: str, *, reference: bool = False, edge: bool = False) -> str:
+def model_cell(model: str, overlap: str, *, reference: bool = False, edge: bool = False, variant_of: str | None = None,
+               network: str | None = None) -> str:
     """The model's name with the mark of its pretraining overlap (``"eval"``, ``"train"`` or ``""``), ``(reference)``
-    for a reference row and ``§`` for a hyper-parameter chosen on the edge of its grid."""
+    for a reference row, ``(variant of M[, <network> network])`` for a variant of model M, and ``§`` for a
+    hyper-parameter chosen on the edge of its grid.
+
+    >>> model_cell("prosmin_target_micro", "train", variant_of="prosmin_micro", network="target")
+    'prosmin_target_micro † (variant of prosmin_micro, target network)'
+    """
     text = model + {"eval": f" {MARK_EVAL}", "train": f" {MARK_TRAIN}", "": ""}[overlap]
+    if variant_of:
+        text += f" (variant of {variant_of}{f', {network} network' if network else ''})"
     return text + (f" {REFERENCE}" if reference else "") + (f" {MARK_EDGE}" if edge else "")
+
+
+def task_mark(deviations: Any) -> str:
+    """`` ¶`` after a task whose card lists deviations from the paper's protocol, else ""."""
+    return f" {MARK_DEVIATES}" if deviations else ""
 
 
 def on_grid_edge(extras: Any) -> bool:

@@ -16,12 +16,14 @@ from ..metrics.info import GROUPS, PREDICTIVE, PROJECTOR
 from ..reported import ReportedScore
 from ..results import ResultRecord
 from .board import (
-    FAMILY_TITLES, Board, family_key, is_reference, pretraining_overlap, sorted_by_main, task_kind, task_main_metric,
+    FAMILY_TITLES, Board, family_key, is_reference, pretraining_overlap, sorted_by_main, task_deviations, task_kind,
+    task_main_metric, variant_of,
 )
 from .format import (
     arrow, cell, column_unit, fmt, fmt_ci, fmt_mean_std, header, marked, model_cell, natural_key, on_grid_edge,
-    ref_text, table,
+    ref_text, table, task_mark,
 )
+from .protocol_notes import deviating_tasks_lines, deviation_lines, mce_note_lines, variant_gap_lines
 from .significance import Verdict, task_verdicts, untested_lines
 
 #: Folder (next to the markdown) holding ``<suite>/<task>_<plot>.png``.
@@ -101,6 +103,8 @@ def reported_summary_lines(reported: Sequence[ReportedScore], current: Mapping[s
             "(listed below the table); all reported metrics are in the task sections. `epochs`: pretraining epochs "
             "of the paper's model, when the source says.\n",
             reported_table(reported, columns, sources, with_task=True),
+            *deviating_tasks_lines(task_names),
+            *mce_note_lines(reported),
             "\nSources:\n",
             *sources.lines()]
 
@@ -122,8 +126,9 @@ GROUP_TABLES: dict[str, GroupTable] = {
              "predictor); models without one have no row here."),
     PROJECTOR: GroupTable(
         title="Projector outputs (checkpoints of the pretraining module only)",
-        note="Measured on the projection head output of the evaluated network (the target network; MoCo-v3's base "
-             "encoder); models from other sources have no row here."),
+        note="Measured on the projection head output of the evaluated network (the online network for ProSMin, "
+             "paper Sec. 6, and MoCo-v3's base encoder; the teacher for DINO and iBOT; the target for a "
+             "`network = target` variant); models from other sources have no row here."),
 }
 
 
@@ -189,7 +194,10 @@ def _protocol_text(rs: Sequence[ResultRecord]) -> str:
 
 
 def _model_cell(r: ResultRecord) -> str:
-    return model_cell(r.model, pretraining_overlap(r), reference=is_reference(r), edge=on_grid_edge(r.extras))
+    base = variant_of(r)
+    network = (r.model_info or {}).get("network") if base else None
+    return model_cell(r.model, pretraining_overlap(r), reference=is_reference(r), edge=on_grid_edge(r.extras),
+                      variant_of=base, network=network if isinstance(network, str) else None)
 
 
 def _measured_task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequence[PagePlot],
@@ -197,7 +205,7 @@ def _measured_task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequenc
     lines: list[str] = []
     main = rs[0].main_score
     version = rs[0].task_version
-    lines.append(f"\n### {task}@{version}\n")
+    lines.append(f"\n### {task}@{version}{task_mark(task_deviations(task))}\n")
     datasets = ", ".join(f"{role} `{ref_text(ref)}`" for role, ref in sorted((rs[0].datasets or {}).items()))
     lines.append(f"Main score `{main}` ({arrow(main)}). Datasets: {datasets or '—'}. "
                  f"Protocol: {_protocol_text(rs)}.\n")
@@ -241,12 +249,16 @@ def _measured_task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequenc
 
 def task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequence[PagePlot],
                reported: Sequence[ReportedScore], sources: Sources,
-               verdict: Mapping[str, Verdict] | None = None) -> list[str]:
-    """A task's section: its measured tables and figures (newest version), then the numbers papers report."""
+               verdict: Mapping[str, Verdict] | None = None,
+               current: Mapping[str, Sequence[ResultRecord]] | None = None) -> list[str]:
+    """A task's section: its measured tables and figures (newest version), the gap to the task it is a protocol
+    variant of (from ``current``, the page's records), then the numbers papers report and where its protocol differs
+    from theirs."""
     if rs:
         lines = _measured_task_lines(task, rs, figures, task_verdicts(task, rs) if verdict is None else verdict)
+        lines += variant_gap_lines(task, rs, current or {})
     else:
-        lines = [f"\n### {task}\n", "No measured results yet."]
+        lines = [f"\n### {task}{task_mark(task_deviations(task))}\n", "No measured results yet."]
     if reported:
         metrics = sorted({r.metric for r in reported}, key=natural_key)
         main = rs[0].main_score if rs else task_main_metric(task, {})
@@ -255,6 +267,8 @@ def task_lines(task: str, rs: Sequence[ResultRecord], figures: Sequence[PagePlot
         lines.append("\nReported in papers (not measured by this suite: the papers' own weights and protocol "
                      "details; sources listed under the reported summary):\n")
         lines.append(reported_table(reported, [(task, m) for m in metrics], sources, with_task=False))
+        lines += mce_note_lines(reported)
+    lines += deviation_lines(task, rs, bool(reported))
     return lines
 
 
@@ -274,7 +288,7 @@ def family_lines(current: Mapping[str, Sequence[ResultRecord]], figures: Mapping
         lines.append(f"\n## {FAMILY_TITLES.get(kind, 'Other tasks')} (`{kind}`)")
         for t in sorted(families[kind]):
             lines += task_lines(t, current.get(t, []), figures.get(t, []), reported_by_task.get(t, []), sources,
-                                None if verdicts is None else verdicts.get(t, {}))
+                                None if verdicts is None else verdicts.get(t, {}), current)
     return lines
 
 

@@ -1,16 +1,16 @@
 """Which models a task cannot tell apart from its best one: a paired bootstrap on the records' per-image values.
 
-For each ranked task the best model is the learned (non-reference) model with the best main score. Every other
-learned model is compared with it by :func:`prosmin_bench.metrics.paired_bootstrap_ci` on the per-image values both
-records store (``ResultRecord.samples``): each of the 1,000 replicates (``DEFAULT_N_BOOT``, generator seed
-``DEFAULT_SEED``, so a page is the same at every render) resamples the test images once for both models and each
-model's seeds, and the 95% interval of the difference in the main score is read from the replicates. When it
-contains 0 the model is "not significantly different from the best".
+For each ranked task the best model is the learned model (not a reference or variant row) with the best main
+score. Every other learned model is compared with it by :func:`prosmin_bench.metrics.paired_bootstrap_ci` on the
+per-image values both records store (``ResultRecord.samples``): each of the 1,000 replicates (``DEFAULT_N_BOOT``,
+generator seed ``DEFAULT_SEED``, so a page is the same at every render) resamples the test images once for both
+models and each model's seeds, and the 95% interval of the difference in the main score is read from the
+replicates. When it contains 0 the model is "not significantly different from the best".
 
 Only records of the same test data are compared: the same data-hash mode, the same fingerprint of every dataset the
 task evaluated on (every dataset a record read except its training split) and the same number of values. Records
 made before per-image values were stored, of other test data, or whose values do not decode are not compared;
-:class:`Verdict` says why. References and unranked tasks are never compared.
+:class:`Verdict` says why. References, variant rows and unranked tasks are never compared.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..metrics import MetricArgumentError, paired_bootstrap_ci
 from ..metrics.bootstrap import DEFAULT_N_BOOT, DEFAULT_SEED
 from ..record_samples import decode
 from ..results import ResultRecord
-from .board import is_reference, sorted_by_main, task_ranked
+from .board import is_unranked, sorted_by_main, task_ranked
 from .format import finite
 
 
@@ -85,7 +85,7 @@ def task_verdicts(task: str, rs: Sequence[ResultRecord]) -> dict[str, Verdict]:
     if not rs or not task_ranked(task, rs):
         return {}
     main = rs[0].main_score
-    learned = [r for r in sorted_by_main(rs, main) if not is_reference(r) and finite(r.mean.get(main))]
+    learned = [r for r in sorted_by_main(rs, main) if not is_unranked(r) and finite(r.mean.get(main))]
     if not learned:
         return {}
     best = learned[0]

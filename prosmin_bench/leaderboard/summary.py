@@ -7,8 +7,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..results import ResultRecord
-from .board import Board, family_key, is_reference, mean_ranks, pretraining_overlap, sorted_by_main, task_ranked
-from .format import NOT_RANKED, column_unit, finite, fmt, fmt_mean_std, header, marked, model_cell, table
+from .board import (
+    Board, beside_bases, family_key, is_reference, is_unranked, mean_ranks, pretraining_overlap, sorted_by_main,
+    task_deviations, task_ranked, variant_of,
+)
+from .format import NOT_RANKED, column_unit, finite, fmt, fmt_mean_std, header, marked, model_cell, table, task_mark
 from .significance import Verdict, verdicts as all_verdicts
 
 #: The reference whose place the mini page states in its opening (the model ``pixels``: raw normalised pixels).
@@ -35,18 +38,24 @@ def summary_lines(board: Board, suite: str, current: Mapping[str, Sequence[Resul
     tasks = sorted(current, key=lambda t: (family_key(current[t][0].task_kind), t))
     by = {(r.model, r.task): r for rs in current.values() for r in rs}
     references = sorted({r.model for rs in current.values() for r in rs if is_reference(r)} - set(ranks))
+    # variant rows (model_info.variant_of): never ranked, listed right after the model they are a variant of
+    variant = {r.model: base for rs in current.values() for r in rs if not is_reference(r) and (base := variant_of(r))}
     learned = sorted(ranks, key=lambda m: (not finite(ranks[m]), ranks[m] if finite(ranks[m]) else 0.0, m))
     unit = {t: _unit(current[t]) for t in tasks}
     headers = ["model", "method"] + [
-        f"{t}@{current[t][0].task_version} {header(current[t][0].main_score, unit[t])}"
+        f"{t}@{current[t][0].task_version}{task_mark(task_deviations(t))} {header(current[t][0].main_score, unit[t])}"
         + ("" if task_ranked(t, current[t]) else f" {NOT_RANKED}") for t in tasks
     ] + ["mean rank ↓"]
     rows = []
-    for m in learned + references:
+    order = beside_bases(learned + references, sorted(set(variant) - set(ranks)), lambda m: m, variant.get)
+    for m in order:
         info = next((by[(m, t)].model_info for t in tasks if (m, t) in by), {}) or {}
         overlaps = {pretraining_overlap(by[(m, t)]) for t in tasks if (m, t) in by}
         mark = "eval" if "eval" in overlaps else "train" if "train" in overlaps else ""
-        row = [model_cell(m, mark, reference=m in references), str(info.get("method") or "—")]
+        network = info.get("network") if m in variant else None
+        row = [model_cell(m, mark, reference=m in references, variant_of=variant.get(m) if m not in ranks else None,
+                          network=network if isinstance(network, str) else None),
+               str(info.get("method") or "—")]
         for t in tasks:
             r = by.get((m, t))
             if r is None:
@@ -59,8 +68,8 @@ def summary_lines(board: Board, suite: str, current: Mapping[str, Sequence[Resul
         rows.append(row)
     return [table(rows, headers),
             f"\nRows are sorted by mean rank over the ranked tasks by main score (ties share ranks; a missing result "
-            f"counts as last); tasks marked {NOT_RANKED} and reference rows are left out of it. A mark on a model "
-            "holds for at least one task; see the task sections."]
+            f"counts as last); tasks marked {NOT_RANKED}, reference rows and variant rows are left out of it. A mark "
+            "on a model holds for at least one task; see the task sections."]
 
 
 def _pixels_sentence(current: Mapping[str, Sequence[ResultRecord]]) -> str:
@@ -73,7 +82,7 @@ def _pixels_sentence(current: Mapping[str, Sequence[ResultRecord]]) -> str:
             continue
         main = rs[0].main_score
         pixels = next((r for r in rs if r.model == PIXELS and finite(r.mean.get(main))), None)
-        learned = [r for r in sorted_by_main(rs, main) if not is_reference(r) and finite(r.mean.get(main))]
+        learned = [r for r in sorted_by_main(rs, main) if not is_unranked(r) and finite(r.mean.get(main))]
         if pixels is None or not learned:
             continue
         unit = _unit(rs)

@@ -12,7 +12,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import CardError, ProsminBenchError
-from .architectures import ARCHITECTURES, build_architecture, set_sincos_position_embedding
+from .architectures import ARCHITECTURES, build_architecture, mocov3_init_, set_sincos_position_embedding
 from .backbone import Backbone
 from .converters import pretrain_eval_network
 from .custom import MODULE_PREFIX, ModuleBackbone, resolve_models
@@ -70,20 +70,22 @@ def get_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.weights.seed)
             net = build_architecture(spec.arch, **spec.arch_kwargs)
-        if spec.weights.init == "sincos":
             try:
-                set_sincos_position_embedding(net)
+                if spec.weights.init == "mocov3":  # MoCo-v3's vits.py init, drawn after timm's from the same seed
+                    mocov3_init_(net)
+                if spec.weights.init in ("sincos", "mocov3"):
+                    set_sincos_position_embedding(net)
             except ValueError as exc:
-                raise CardError(f"Model {spec.name!r}: weights.init = 'sincos': {exc}") from None
+                raise CardError(f"Model {spec.name!r}: weights.init = {spec.weights.init!r}: {exc}") from None
         digest = sha256_state_dict(net.state_dict())
     else:
         net = build_architecture(spec.arch, **spec.arch_kwargs)
         load = load_timm_weights if timm_model else load_weights
         digest, fmt, ckpt = load(net, spec, path, verify_sha=weights is None)
         if fmt == "prosmin_bench":  # the pretraining module's checkpoints also carry the heads (issues 7, 10)
-            heads = build_eval_modules(ckpt)
+            heads = build_eval_modules(ckpt, network=spec.weights.network)
             predictive, projector = heads.predictive, heads.projector
-            network = pretrain_eval_network(ckpt)
+            network = pretrain_eval_network(ckpt, spec.weights.network)
         del ckpt
     model = Backbone(spec, net, digest, predictive=predictive, projector=projector,
                      weights_path=str(path) if path else None, network=network)

@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import ProsminBenchError
 from ..registry import Registry
@@ -140,6 +141,134 @@ def set_sincos_position_embedding(vit: nn.Module) -> None:
     with torch.no_grad():
         vit.pos_embed.copy_(sincos_2d_position_embedding(grid, vit.pos_embed.shape[-1]))
     vit.pos_embed.requires_grad_(False)
+
+
+def mocov3_init_(vit: nn.Module) -> None:
+    """MoCo-v3's ViT weight initialisation, in place, as ``VisionTransformerMoCo.__init__`` (facebookresearch/moco-v3
+    ``vits.py`` lines 31-47), drawn from the current torch RNG in its order:
+
+    - every ``nn.Linear`` (qkv, attention projection, MLP; the backbone has no classifier): xavier-uniform, with
+      qkv's weight [3D, D] treated as three separate [D, D] blocks, i.e. uniform(+-sqrt(6 / (3D/3 + D)))
+      (lines 34-37), and zero biases (line 40);
+    - the [CLS] token: normal(std 1e-6) (line 41);
+    - the patch projection conv [D, C, p, p], seen as a linear map of the flattened patch: uniform(+-sqrt(6 /
+      (C p p + D))) with zero bias (lines 43-47; ``vits.py`` writes 3 for the C = 3 input channels).
+
+    LayerNorms keep their ones / zeros (timm's and vits.py's), and the position embedding is left alone (MoCo-v3
+    builds its fixed sin-cos table first, line 29: :func:`set_sincos_position_embedding`). Freezing the patch
+    projection (``--stop-grad-conv1``, lines 49-51) is the caller's, after this init. Raises ValueError for a
+    model without a ``patch_embed.proj`` convolution."""
+    proj = getattr(getattr(vit, "patch_embed", None), "proj", None)
+    if not isinstance(proj, nn.Conv2d):
+        raise ValueError("MoCo-v3's initialisation needs a ViT whose patch_embed.proj is a Conv2d")
+    with torch.no_grad():
+        for name, m in vit.named_modules():
+            if isinstance(m, nn.Linear):
+                if "qkv" in name:
+                    bound = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -bound, bound)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if getattr(vit, "cls_token", None) is not None:
+            nn.init.normal_(vit.cls_token, std=1e-6)
+        dim, chans, kh, kw = proj.weight.shape
+        bound = math.sqrt(6.0 / float(chans * kh * kw + dim))
+        nn.init.uniform_(proj.weight, -bound, bound)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+
+
+#: How a ViT with ``dynamic_img_size`` resamples its position embedding for another input size: "timm" (timm's
+#: ``resample_abs_pos_embed``: bicubic to the target grid, antialiased) or "dino" (DINO's ``interpolate_pos_encoding``,
+#: :func:`dino_interpolate_pos_encoding`).
+POS_INTERPOLATIONS = ("timm", "dino")
+
+
+def dino_resample_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """:func:`dino_interpolate_pos_encoding` for a target grid of ``rows`` x ``cols`` patches."""
+    n = pos_embed.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"DINO's position interpolation needs a square grid, but the embedding has {n} patches")
+    if rows * cols == n and rows == cols:  # vision_transformer.py line 177: the native size is returned as is
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    # line 186: "+ 0.1 to avoid floating point error"; the scale factor (not the output size) goes to interpolate,
+    # so the sampling positions are those of a (rows + 0.1) / side scaling; bicubic, no antialias (lines 187-191)
+    out = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
+    if tuple(out.shape[-2:]) != (rows, cols):  # line 192's assertion
+        raise ValueError(f"DINO's position interpolation gave a {tuple(out.shape[-2:])} grid for {(rows, cols)}")
+    return torch.cat([pos_embed[:, :1], out.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)], dim=1)
+
+
+def dino_interpolate_pos_encoding(pos_embed: torch.Tensor, h: int, w: int, patch: int) -> torch.Tensor:
+    """DINO's ``VisionTransformer.interpolate_pos_encoding`` (facebookresearch/dino ``vision_transformer.py``
+    lines 174-194; iBOT's and ProSMin's released ``vision_transformer.py`` carry the same function): the [CLS]
+    row [1, 1 + N, D] kept, the sqrt(N) x sqrt(N) patch table resampled bicubically with scale factors
+    ((h / patch + 0.1) / sqrt(N), (w / patch + 0.1) / sqrt(N)) for an image of ``h`` x ``w`` pixels (DINO's
+    ``x.shape`` is read as ``B, nc, w, h``, so its first factor is the rows': the same rule). Returns
+    [1, 1 + (h // patch) * (w // patch), D]."""
+    return dino_resample_pos_embed(pos_embed, h // patch, w // patch)
+
+
+_DINO_POS_VIT: type | None = None
+
+
+def _dino_pos_vit_class() -> type:
+    """The class :func:`use_dino_pos_interpolation` gives a ViT, made on first use (importing timm takes a second)
+    and reachable as ``architectures.DinoPosEmbedViT``, so a model using it pickles like any other."""
+    global _DINO_POS_VIT
+    if _DINO_POS_VIT is not None:
+        return _DINO_POS_VIT
+    from timm.models.vision_transformer import VisionTransformer
+
+    class DinoPosEmbedViT(VisionTransformer):
+        """timm's ViT whose dynamic-size position embedding follows DINO's rule (:func:`dino_resample_pos_embed`)
+        instead of timm's antialiased resampling; everything else, the state dict included, is timm's."""
+
+        def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.dynamic_img_size:  # fixed size: timm adds the table as it is, as DINO does at its size
+                return super()._pos_embed(x)
+            b, rows, cols, c = x.shape  # timm's patch_embed output with dynamic_img_size (NHWC)
+            pos = dino_resample_pos_embed(self.pos_embed, rows, cols)
+            x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, rows * cols, c)], dim=1)
+            return self.pos_drop(x + pos)
+
+    DinoPosEmbedViT.__module__, DinoPosEmbedViT.__qualname__ = __name__, "DinoPosEmbedViT"
+    _DINO_POS_VIT = DinoPosEmbedViT
+    return DinoPosEmbedViT
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DinoPosEmbedViT":
+        return _dino_pos_vit_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def use_dino_pos_interpolation(vit: nn.Module) -> None:
+    """Make a timm ``VisionTransformer`` (one [CLS] token, no register tokens, a class-token position row,
+    ``dynamic_img_size``) resample its position embedding for other input sizes with DINO's rule
+    (:func:`dino_interpolate_pos_encoding`), in place. Only the forward changes (its class becomes a subclass
+    overriding ``_pos_embed``), so checkpoints stay timm's; at the native size both rules add the table as it is.
+    Raises ValueError for any other model."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    cls = _dino_pos_vit_class()
+    if type(vit) is cls:
+        return
+    if type(vit) is not VisionTransformer:
+        raise ValueError(f"DINO's position interpolation needs timm's VisionTransformer, but got {type(vit).__name__}")
+    if not vit.dynamic_img_size:
+        raise ValueError("DINO's position interpolation applies to inputs of other sizes: build the ViT with "
+                         "dynamic_img_size=True (arch_kwargs)")
+    if (vit.pos_embed is None or vit.cls_token is None or getattr(vit, "reg_token", None) is not None
+            or vit.no_embed_class or vit.num_prefix_tokens != 1):
+        raise ValueError("DINO's position interpolation needs a ViT with one [CLS] token that has its own position "
+                         "row and no register tokens")
+    vit.__class__ = cls
 
 
 def build_architecture(name: str, **kwargs: Any) -> nn.Module:

@@ -47,11 +47,12 @@ class Backbone(nn.Module):
         weights_sha256: sha256 of the loaded file, or of the state dict for in-memory weights.
         predictive: optional module mapping images [N, 3, H, W] to ``(mu [N, K], sigma [N, K])``: ProSMin's
             online network (online backbone -> projection head -> probabilistic predictor), kept in the
-            checkpoint by the pretraining module.
+            checkpoint by the pretraining module; only when ``network`` is the online one.
         projector: optional module mapping images [N, 3, H, W] to the projection [N, K]: the evaluated network
             (its backbone -> its projection head) of a checkpoint written by the pretraining module.
-        network: for a checkpoint of the pretraining module, which of its networks ``net`` is ("target" or
-            "online"; ``models.converters.pretrain_eval_network``); None for other weights.
+        network: for a checkpoint of the pretraining module, which of its networks ``net`` is ("online" for
+            ProSMin and MoCo-v3, "target" for DINO and iBOT, or the model's ``weights.network``;
+            ``models.converters.pretrain_eval_network``); None for other weights.
     """
 
     def __init__(
@@ -112,6 +113,32 @@ class Backbone(nn.Module):
         twin.requires_grad_(True)
         return twin.train()
 
+    def projector_first_layer(self) -> nn.Module | None:
+        """A trainable deep copy of the projection head's first layer, or None without a head (official checkpoints).
+
+        The first layer is the head MLP's first Linear and what follows it up to and including its activation (the
+        first module without parameters): Linear + GELU for the DINO / iBOT / ProSMin heads (``heads.DINOHead``),
+        Linear + BN + ReLU for MoCo-v3's projector (``heads.build_mlp``); a 1-layer head gives its Linear. iBOT's
+        semi-supervised fine-tuning (``--finetune_head_layer 1``) keeps Linear + GELU of the teacher's head
+        (evaluation/semi_supervised/eval_cls.py:207-256, built without a norm at 707-712); a BatchNorm in between
+        (MoCo-v3, or a head with ``use_bn``) is kept here because the Linear was trained to feed it.
+        Shapes: [N, D] (final-norm CLS) -> [N, hidden]."""
+        head = getattr(self.projector_head, "head", None)
+        mlp = getattr(head, "mlp", head)
+        if not isinstance(mlp, nn.Sequential) or len(mlp) == 0 or not isinstance(mlp[0], nn.Linear):
+            return None
+        layers: list[nn.Module] = []
+        for module in mlp:
+            layers.append(module)
+            if not any(True for _ in module.parameters()):  # the activation ends the layer
+                break
+            if len(layers) > 1 and isinstance(module, nn.Linear):  # a 1-layer head: the Linear alone
+                layers.pop()
+                break
+        first = copy.deepcopy(nn.Sequential(*layers))
+        first.requires_grad_(True)
+        return first.train()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, 3, H, W] -> features [N, D] in the spec's feature layer."""
         return self.features(images, self.spec.feature_layer)
@@ -159,7 +186,7 @@ class Backbone(nn.Module):
         return self.predictive_head(images)
 
     def projector(self, images: torch.Tensor) -> torch.Tensor:
-        """images [N, 3, H, W] -> projection [N, K]: target backbone -> target projection head."""
+        """images [N, 3, H, W] -> projection [N, K]: the evaluated network's backbone -> its projection head."""
         if self.projector_head is None:
             raise ProsminBenchError(
                 f"Model {self.spec.name!r} has no projection head: only checkpoints written by the pretraining "

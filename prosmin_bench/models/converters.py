@@ -22,8 +22,10 @@ Formats (docs/protocols.md "Official baseline checkpoints"; key names checked ag
   ``module.base_encoder.*``, ``module.momentum_encoder.*`` and ``module.predictor.*`` (``main_moco.py``,
   DDP-wrapped ``moco.builder.MoCo_ViT``); ``module.base_encoder.*`` is kept minus its ``head.*`` (the 3-layer
   BN projector), as in MoCo-v3's ``main_lincls.py``.
-- ``prosmin_bench``: this suite's pretraining checkpoint (``models/checkpoints.py``); the target network's
-  ``backbone.*`` (the online network's for methods without a target).
+- ``prosmin_bench``: this suite's pretraining checkpoint (``models/checkpoints.py``); the ``backbone.*`` of the
+  network its method is evaluated with (:func:`pretrain_eval_network`): the online network for ProSMin and MoCo-v3
+  and for methods without a target, the target (EMA) network for DINO and iBOT; a model may name the other one
+  (``WeightsSource.network``).
 
 Prefixes are removed with ``startswith`` and slicing, never ``str.replace`` (which would also rewrite a
 ``module.`` in the middle of a key).
@@ -123,28 +125,48 @@ def convert_mocov3(ckpt: Mapping[str, Any]) -> StateDict:
 
 
 #: Methods whose pretraining checkpoints are evaluated with the online network rather than the target (EMA) one:
-#: MoCo-v3's main_lincls.py keeps ``module.base_encoder`` (the online encoder), as :func:`convert_mocov3` does for
-#: the official checkpoints. DINO and iBOT evaluate their teacher (eval_knn.py / eval_linear.py
-#: ``--checkpoint_key teacher``) and ProSMin its target network: the default.
-ONLINE_EVALUATED = frozenset({"mocov3"})
+#: - ProSMin: the paper (Vahidi et al., ICLR 2024), Sec. 6: "we freeze the encoder of the online network fθ"
+#:   (docs/protocols.md "Protocol facts checked against the reference code": the released eval_linear.py loads the
+#:   ``target`` key, but its trainer shares one backbone between the two networks, so the paper's text decides);
+#: - MoCo-v3: main_lincls.py keeps ``module.base_encoder`` (the online encoder), as :func:`convert_mocov3` does for
+#:   the official checkpoints.
+#: DINO and iBOT evaluate their teacher (eval_knn.py / eval_linear.py ``--checkpoint_key teacher``): the default.
+ONLINE_EVALUATED = frozenset({"prosmin", "mocov3"})
+
+#: The networks a pretraining checkpoint can be evaluated with (``WeightsSource.network``, card ``weights.network``).
+NETWORK_CHOICES = ("online", "target")
 
 
-def pretrain_eval_network(ckpt: Mapping[str, Any]) -> str:
-    """``"target"`` or ``"online"``: which network of this suite's pretraining checkpoint is evaluated."""
-    if ckpt.get("method") in ONLINE_EVALUATED:
-        return "online"
+def pretrain_eval_network(ckpt: Mapping[str, Any], network: str | None = None) -> str:
+    """``"target"`` or ``"online"``: which network of this suite's pretraining checkpoint is evaluated.
+
+    ``network`` (a model's ``weights.network``) names one explicitly; ``None`` takes the method's own choice
+    (:data:`ONLINE_EVALUATED`; a method without a target network saves ``target = {}`` and is evaluated online).
+    Naming a network the checkpoint does not hold raises WeightsError.
+    """
     target = ckpt.get("target")
-    if isinstance(target, Mapping) and _has_prefix(target, "backbone."):
-        return "target"
-    return "online"  # a method without a target network saves ``target = {}``
+    has_target = isinstance(target, Mapping) and _has_prefix(target, "backbone.")
+    if network is not None:
+        if network not in NETWORK_CHOICES:
+            raise WeightsError(f"Expected network 'online' or 'target', but got {network!r}")
+        if network == "target" and not has_target:
+            raise WeightsError(
+                f"The model asks for the target network, but this {ckpt.get('method')!r} pretraining checkpoint has "
+                "none (its method has no target network); evaluate it with weights.network = \"online\""
+            )
+        return network
+    if ckpt.get("method") in ONLINE_EVALUATED or not has_target:
+        return "online"
+    return "target"
 
 
 @CONVERTERS.register("prosmin_bench")
-def convert_prosmin_bench(ckpt: Mapping[str, Any]) -> StateDict:
-    """This suite's pretraining checkpoint -> the backbone of the network its method is evaluated with
-    (:func:`pretrain_eval_network`): the target (EMA) network, as DINO evaluates its teacher, except for MoCo-v3
-    (its base encoder) and methods without a target network."""
-    net = _require(ckpt, pretrain_eval_network(ckpt), "prosmin-bench pretraining")
+def convert_prosmin_bench(ckpt: Mapping[str, Any], network: str | None = None) -> StateDict:
+    """This suite's pretraining checkpoint -> the backbone of the network it is evaluated with
+    (:func:`pretrain_eval_network`): ``network`` when given, else its method's choice (the online network for
+    ProSMin, as its paper, and MoCo-v3, its base encoder; the target for DINO and iBOT, as they evaluate their
+    teacher)."""
+    net = _require(ckpt, pretrain_eval_network(ckpt, network), "prosmin-bench pretraining")
     return _nonempty(strip_prefix(net, "backbone."), net, "backbone.", "prosmin-bench pretraining")
 
 
@@ -202,10 +224,12 @@ def detect_format(ckpt: Any) -> str:
     )
 
 
-def convert(ckpt: Any, fmt: str = "auto") -> tuple[StateDict, str]:
+def convert(ckpt: Any, fmt: str = "auto", network: str | None = None) -> tuple[StateDict, str]:
     """Convert a loaded checkpoint to a backbone state dict; returns ``(state_dict, format_name)``.
 
     ``fmt="auto"`` detects the format from the keys; a named format must be registered in ``CONVERTERS``.
+    ``network`` ("online" / "target") picks the network of this suite's pretraining checkpoints (format
+    ``prosmin_bench``); any other format with a ``network`` is an error (its converter has one fixed network).
     """
     if fmt == "auto":
         name = detect_format(ckpt)
@@ -213,6 +237,14 @@ def convert(ckpt: Any, fmt: str = "auto") -> tuple[StateDict, str]:
         if not isinstance(ckpt, Mapping):
             detect_format(ckpt)  # raises the "not a dict" error
         name = fmt
+    if network is not None:
+        if name != "prosmin_bench":
+            raise WeightsError(
+                f"The model names network {network!r}, which applies only to this suite's pretraining checkpoints "
+                f"(format prosmin_bench), but the checkpoint is of format {name}; drop weights.network or pass a "
+                "checkpoint written by `prosmin-bench pretrain`"
+            )
+        return convert_prosmin_bench(ckpt, network), name
     return CONVERTERS.get(name)(ckpt), name
 
 

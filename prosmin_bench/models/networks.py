@@ -9,10 +9,13 @@ Evaluation takes from a checkpoint, besides the evaluated backbone (``converters
 
 - ``predictive``: ProSMin's online network (online backbone -> projection head -> probabilistic predictor) as a
   module mapping images [N, 3, H, W] to ``(mu [N, K], sigma [N, K])``; the OOD, linear and collapse tasks score
-  its sigma (issue 10).
-- ``projector``: the evaluated network (the target network for ProSMin, DINO and iBOT, the base (online) encoder
-  for MoCo-v3 and methods without a target) as backbone -> projection head, images -> projection [N, K] (issue 7:
-  collapse metrics on projector outputs), so the projector rows describe the same network as the backbone rows.
+  its sigma (issue 10). Only the online network has a predictor, so a model evaluated through the target network
+  (``weights.network = "target"``, e.g. ``prosmin_target_micro``) has no predictive module: its sigma rows would
+  describe another network than its backbone rows.
+- ``projector``: the evaluated network (the online network for ProSMin, as its paper's Sec. 6, and for MoCo-v3
+  (base encoder) and methods without a target; the target network for DINO and iBOT; or the one a model names)
+  as backbone -> projection head, images -> projection [N, K] (issue 7: collapse metrics on projector outputs),
+  so the projector rows describe the same network as the backbone rows.
 
 Both come from one build of the networks (a ProSMin ViT-S/16 holds ~0.5 B parameters, most of them in the
 predictor); every state is loaded strictly; every module is in eval mode with ``requires_grad=False``.
@@ -148,8 +151,8 @@ def build_networks(method: str, cfg: Any, make_backbone: Callable[[float], nn.Mo
     return online, target
 
 
-class TargetProjector(nn.Module):
-    """``forward(images [N, 3, H, W]) -> head(backbone(images)) [N, K]``: the network's projection of the
+class Projector(nn.Module):
+    """``forward(images [N, 3, H, W]) -> head(backbone(images)) [N, K]``: the evaluated network's projection of the
     final-norm CLS feature, as in pretraining (before any centring or temperature the loss applies)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -163,7 +166,8 @@ class TargetProjector(nn.Module):
 
 @dataclasses.dataclass
 class EvalModules:
-    """``predictive``: images -> (mu, sigma), None for methods without a probabilistic predictor;
+    """``predictive``: images -> (mu, sigma), None for methods without a probabilistic predictor and for a model
+    evaluated through the target network;
     ``projector``: images -> projection [N, K], None for a network without a ``head``."""
 
     predictive: nn.Module | None
@@ -202,28 +206,32 @@ def _saved_networks(ckpt: Mapping[str, Any]) -> tuple[nn.Module, nn.Module | Non
                            "another version of prosmin-bench; pretrain it again with this version") from None
 
 
-def build_eval_modules(ckpt: Mapping[str, Any], *, predictive: bool = True, projector: bool = True) -> EvalModules:
-    """The predictive and projector modules of a pretraining checkpoint dict, from one build of its networks."""
+def build_eval_modules(ckpt: Mapping[str, Any], *, predictive: bool = True, projector: bool = True,
+                       network: str | None = None) -> EvalModules:
+    """The predictive and projector modules of a pretraining checkpoint dict, from one build of its networks;
+    ``network`` ("online" / "target", None: the method's choice, ``converters.pretrain_eval_network``) is the
+    evaluated network: the projector is its backbone -> head, and the predictive module exists only when it is
+    the online network (the one with the predictor)."""
     check_format(ckpt)
+    key = pretrain_eval_network(ckpt, network)  # "online" also for a method without a target network
     online, target = _saved_networks(ckpt)
     pred = None
-    if predictive and ckpt["method"] in PREDICTIVE:
+    if predictive and ckpt["method"] in PREDICTIVE and key == "online":
         _load(online, ckpt["online"], "online")
         pred = _freeze(online)
     proj = None
     if projector:
-        key = pretrain_eval_network(ckpt)  # "online" also for a method without a target network
         net = online if key == "online" else target
         if isinstance(getattr(net, "head", None), nn.Module) and isinstance(getattr(net, "backbone", None), nn.Module):
             if key not in ckpt or not isinstance(ckpt[key], Mapping):
                 raise WeightsError(f"The pretraining checkpoint has no {key!r} state; it is damaged")
             if pred is None or key != "online":  # the online state is already in place for the predictive module
                 _load(net, ckpt[key], key)
-            proj = _freeze(TargetProjector(net.backbone, net.head))
+            proj = _freeze(Projector(net.backbone, net.head))
     return EvalModules(pred, proj)
 
 
 def build_predictive(ckpt: Mapping[str, Any]) -> nn.Module | None:
     """``images -> (mu, sigma)`` through the ONLINE network of a pretraining checkpoint, in eval mode and frozen;
     ``None`` for methods without a probabilistic predictor. The online state is loaded strictly."""
-    return build_eval_modules(ckpt, projector=False).predictive
+    return build_eval_modules(ckpt, projector=False, network="online").predictive

@@ -86,9 +86,14 @@ class WeightsSource:
     recipe: str | None = None
     random: bool = False
     seed: int = 0  # init seed for random weights, so "random" is one fixed model
-    # random weights only: "timm" (timm's default init) or "sincos" (timm's init with MoCo-v3's fixed 2-D sin-cos
-    # position embedding, the starting point of every *_micro recipe: see pretrain/recipes_baselines.py)
+    # random weights only: "timm" (timm's default init), "sincos" (timm's init with MoCo-v3's fixed 2-D sin-cos
+    # position embedding) or "mocov3" (MoCo-v3's vits.py init, models.architectures.mocov3_init_, with that sin-cos
+    # embedding: the starting point of every *_micro recipe, see pretrain/recipes_baselines.py)
     init: str = "timm"
+    # this suite's pretraining checkpoints only: "online" or "target", the network whose backbone is evaluated;
+    # None: the method's own choice (models/converters.py ONLINE_EVALUATED: ProSMin's paper, Sec. 6, and MoCo-v3's
+    # main_lincls.py evaluate the online network, DINO's and iBOT's eval scripts the teacher)
+    network: str | None = None
 
     @property
     def kind(self) -> str:
@@ -117,6 +122,9 @@ class ModelSpec:
     #: a non-learned reference (raw pixels, a random projection of them): tabulated to place the numbers, never
     #: ranked or compared for significance
     reference: bool = False
+    #: the model this one is a variant of (the same weights seen another way, e.g. ``prosmin_target_micro``: the
+    #: ``prosmin_micro`` checkpoint through its target network): tabulated beside it, not ranked as a method
+    variant_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -112,6 +112,16 @@ OFFLINE_ENV = "PROSMIN_BENCH_OFFLINE"
 PROBE_TIMEOUT_S = 15.0
 
 
+def weights_dir_candidates(spec: ModelSpec, weights_dir: str | os.PathLike | None) -> list[Path]:
+    """Where ``--weights-dir`` may hold a recipe model's checkpoint: ``<dir>/<name>/checkpoint.pt``,
+    ``<dir>/<name>.pt``, then the same for the model it is a variant of (``prosmin_target_micro`` reads
+    ``prosmin_micro``'s checkpoint, so both see the same file)."""
+    if weights_dir is None:
+        return []
+    names = [spec.name] + ([spec.variant_of] if spec.variant_of else [])
+    return [p for n in names for p in (Path(weights_dir) / n / "checkpoint.pt", Path(weights_dir) / f"{n}.pt")]
+
+
 def resolve_weights_path(
     spec: ModelSpec, weights: str | os.PathLike | None = None, weights_dir: str | os.PathLike | None = None,
     download: bool = True,
@@ -129,10 +139,7 @@ def resolve_weights_path(
     if src.random:
         return None
     if src.recipe:
-        looked: list[Path] = []
-        if weights_dir is not None:
-            looked.append(Path(weights_dir) / spec.name / "checkpoint.pt")
-            looked.append(Path(weights_dir) / f"{spec.name}.pt")
+        looked = weights_dir_candidates(spec, weights_dir)
         looked.append(recipe_checkpoint_path(src.recipe))
         for p in looked:
             if p.is_file():
@@ -304,7 +311,8 @@ def load_weights(
     module: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, verify_sha: bool = True, fmt: str | None = None
 ) -> tuple[str, str, Any]:
     """Load ``path`` into ``module`` strictly: sha256 (checked against the card's pin when ``verify_sha``),
-    format detection or the named ``fmt`` / card converter, conversion, strict load.
+    format detection or the named ``fmt`` / card converter, conversion (of the network ``spec.weights.network``
+    names, for this suite's pretraining checkpoints), strict load.
 
     Returns ``(file_sha256, format_name, checkpoint)``; the sha256 is always computed, so every result records
     exactly which file it came from. A checkpoint that evidently belongs to another method family than the
@@ -326,7 +334,7 @@ def load_weights(
     if interrupted_at(ckpt) is not None:
         raise WeightsError(interrupted_message(ckpt, path))
     try:
-        state, name = convert(ckpt, fmt or spec.converter)
+        state, name = convert(ckpt, fmt or spec.converter, network=spec.weights.network)
     except WeightsError as exc:  # the converters see a dict, not a file: say which file it was
         raise WeightsError(f"Weights file {str(path)!r}: {exc}") from None
     family = checkpoint_family(ckpt, name)

@@ -16,7 +16,7 @@ from ..errors import CardError, ProsminBenchError, UnknownNameError
 from ..registry import NAME_RULE, TIMM_FOLDER_PREFIX, TIMM_PREFIX, Registry, is_safe_name, model_folder_name
 from .architectures import ARCHITECTURES
 from .backbone import parse_layer
-from .converters import CONVERTERS
+from .converters import CONVERTERS, NETWORK_CHOICES
 from .spec import MINI_PREPROCESS, ModelSpec, Preprocess, WeightsSource
 
 log = logging.getLogger(__name__)
@@ -36,20 +36,43 @@ register_model_spec(ModelSpec(
     description="vit_micro with timm's default random init (seed 0): the untrained floor every method must beat",
 ))
 register_model_spec(ModelSpec(
-    name="random_sincos_micro", arch="vit_micro", weights=WeightsSource(random=True, seed=0, init="sincos"),
+    name="random_sincos_micro", arch="vit_micro", weights=WeightsSource(random=True, seed=0, init="mocov3"),
     preprocess=MINI_PREPROCESS, scale="mini", method="random",
-    description="vit_micro with timm's random init (seed 0) and MoCo-v3's fixed 2-D sin-cos position embedding: "
-    "the initialisation every *_micro recipe starts from, so a method's gain over it is learned",
+    description="vit_micro with MoCo-v3's ViT init (vits.py: xavier-uniform linears, qkv as three blocks, uniform "
+    "patch projection with zero bias; seed 0) and its fixed 2-D sin-cos position embedding: the initialisation every "
+    "*_micro recipe starts from, so a method's gain over it is learned",
 ))
 for _method, _label in (("prosmin", "ProSMin"), ("dino", "DINO"), ("ibot", "iBOT"), ("mocov3", "MoCo-v3")):
     register_model_spec(ModelSpec(
         name=f"{_method}_micro", arch="vit_micro", weights=WeightsSource(recipe=f"{_method}_micro"),
         preprocess=MINI_PREPROCESS, scale="mini", method=_method, pretrained_on=("digits:train",),
         description=f"vit_micro pretrained with {_label} on the digits train split by `prosmin-bench pretrain "
-        f"--recipe {_method}_micro` ("
-        + ("base (online) encoder, as MoCo-v3's main_lincls.py" if _method == "mocov3" else "target/teacher backbone")
-        + ")",
+        f"--recipe {_method}_micro` (" + {
+            "prosmin": "online encoder, as the ProSMin paper's Sec. 6",
+            "mocov3": "base (online) encoder, as MoCo-v3's main_lincls.py",
+        }.get(_method, "teacher (target) backbone, as its eval scripts' --checkpoint_key teacher") + ")",
     ))
+
+# ProSMin's target (EMA) network, the explicit variant of prosmin_micro (issue 19): the same recipe checkpoint (no
+# pretraining of its own), evaluated through the target network instead of the online one the paper freezes.
+register_model_spec(ModelSpec(
+    name="prosmin_target_micro", arch="vit_micro", weights=WeightsSource(recipe="prosmin_micro", network="target"),
+    preprocess=MINI_PREPROCESS, scale="mini", method="prosmin", pretrained_on=("digits:train",),
+    variant_of="prosmin_micro",
+    description="variant of prosmin_micro, not a method of its own: the same `prosmin_micro` checkpoint evaluated "
+    "through its target (EMA) backbone and projection head instead of the online encoder of the paper's Sec. 6 (as "
+    "the released eval_linear.py's `target` key); no predictor, so no sigma metrics",
+))
+
+# ProSMin with the augmentation its paper's text states (issue 19 item 6; pretrain/recipes.py
+# ``prosmin_paperaug_micro``): prosmin_micro's objective and knobs, only the views changed.
+register_model_spec(ModelSpec(
+    name="prosmin_paperaug_micro", arch="vit_micro", weights=WeightsSource(recipe="prosmin_paperaug_micro"),
+    preprocess=MINI_PREPROCESS, scale="mini", method="prosmin", pretrained_on=("digits:train",),
+    description="vit_micro pretrained with ProSMin on the digits train split by `prosmin-bench pretrain --recipe "
+    "prosmin_paperaug_micro`: prosmin_micro with the augmentation of the paper's text (crops 0.8-1 of the area, "
+    "colour jitter 0.8/0.8/0.8, blur p=0.5) instead of the digit-specific views (online encoder, as prosmin_micro)",
+))
 
 # Non-learned references (issue 17): where raw pixels sit places every learned model's numbers. Tabulated, never
 # ranked (``reference=True``). No weights file: ``weights_sha256`` is the hash of the fixed state (input shape and
@@ -71,10 +94,10 @@ register_model_spec(ModelSpec(
 
 _MODEL_FIELDS = {
     "name", "arch", "arch_kwargs", "weights", "converter", "feature_layer", "preprocess", "scale", "method",
-    "pretrained_on", "paper", "licence", "description", "reported",
+    "pretrained_on", "paper", "licence", "description", "reported", "variant_of",
 }
-_WEIGHTS_FIELDS = {"url", "filename", "sha256", "format", "recipe", "random", "seed", "init"}
-_RANDOM_INITS = ("timm", "sincos")
+_WEIGHTS_FIELDS = {"url", "filename", "sha256", "format", "recipe", "random", "seed", "init", "network"}
+_RANDOM_INITS = ("timm", "sincos", "mocov3")
 _PREPROCESS_FIELDS = {"resize", "crop", "interpolation", "mean", "std"}
 
 
@@ -95,7 +118,14 @@ def spec_from_card(card: cards.Card) -> ModelSpec:
         sha256=f("weights.sha256", str, None), format=f("weights.format", str, None),
         recipe=cards.name_field(card, "weights.recipe", None),
         random=f("weights.random", bool, False), seed=f("weights.seed", int, 0), init=f("weights.init", str, "timm"),
+        network=f("weights.network", str, None),
     )
+    if src.network is not None and (src.network not in NETWORK_CHOICES or not src.recipe):
+        raise CardError(
+            f"Card {str(card.path)!r}: field 'weights.network' must be one of {list(NETWORK_CHOICES)} and applies "
+            f"only to this suite's pretraining checkpoints (weights.recipe), but got network = {src.network!r}"
+            + ("" if src.recipe else " without a recipe")
+        )
     if src.init not in _RANDOM_INITS or (src.init != "timm" and not src.random):
         raise CardError(
             f"Card {str(card.path)!r}: field 'weights.init' must be one of {list(_RANDOM_INITS)} and needs "
@@ -158,7 +188,7 @@ def spec_from_card(card: cards.Card) -> ModelSpec:
         converter=converter, feature_layer=feature_layer, preprocess=preprocess, scale=scale,
         method=f("method", str, ""), pretrained_on=tuple(pretrained_on), paper=f("paper", str, ""),
         licence=f("licence", str, ""), description=f("description", str, ""), reported=dict(f("reported", dict, {})),
-        card=str(card.path),
+        card=str(card.path), variant_of=cards.name_field(card, "variant_of", None),
     )
 
 
@@ -171,6 +201,10 @@ def catalogue() -> Registry[ModelSpec]:
     for card in cards.iter_cards("baselines"):
         spec = spec_from_card(card)
         reg.add(spec.name, spec, origin=str(card.path))
+    for name, spec in reg.items():
+        if spec.variant_of is not None and (spec.variant_of not in reg or spec.variant_of == name):
+            why = "it names the model itself" if spec.variant_of == name else reg.unknown_message(spec.variant_of)
+            raise CardError(f"Model {name!r} ({reg.origin(name)}): field 'variant_of' must name another model; {why}")
     return reg
 
 

@@ -30,6 +30,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Deviation:
+    """One way a card's protocol differs from the paper's (or upstream run's) behind the reported numbers: ``field``
+    names the protocol field or aspect, ``paper`` says what the paper did (with a file:line or table citation),
+    ``ours`` what the card does, ``why`` the reason. A card lists them in its top-level ``deviations`` array."""
+
+    field: str
+    paper: str
+    ours: str
+    why: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"field": self.field, "paper": self.paper, "ours": self.ours, "why": self.why}
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """One task card, parsed."""
 
@@ -46,6 +61,11 @@ class TaskSpec:
     #: whether the task counts in the leaderboard's mean rank: tasks that measure representation quality do;
     #: diagnostics (dimensional collapse) and tasks kept for context (far-OOD with an inverted score) do not
     ranked: bool = True
+    #: where the protocol differs from the paper's behind the reported numbers; None when the card does not say
+    #: (user cards may leave it out), () when it states it is exactly the paper's protocol (``deviations = []``)
+    deviations: tuple[Deviation, ...] | None = None
+    #: the task this one is a protocol variant of (e.g. ``digits_linear_aug`` of ``digits_linear``), or None
+    variant_of: str | None = None
     #: role -> the parsed reference, what tasks pass to ``ctx.features`` / ``ctx.dataset`` (parsed from
     #: ``datasets`` when not given)
     refs: dict[str, DatasetRef] = field(default_factory=dict, repr=False, compare=False)
@@ -212,7 +232,36 @@ def register_kind(kind: str) -> Callable[[type[Task]], type[Task]]:
 
 _TASK_FIELDS = {
     "name", "kind", "version", "main_score", "suite", "datasets", "protocol", "description", "paper", "ranked",
+    "deviations", "variant_of",
 }
+_DEVIATION_KEYS = ("field", "paper", "ours", "why")
+
+
+def _deviations(card: cards.Card) -> tuple[Deviation, ...] | None:
+    """The card's ``deviations`` array of tables ``{field, paper, ours, why}`` (all non-empty strings); None when
+    the card has no such field."""
+    raw = cards.field(card, "deviations", list, None)
+    if raw is None:
+        return None
+    where = f"Card {str(card.path)!r}"
+    out = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise CardError(
+                f"{where}: deviations[{i}] must be a table {{ field = ..., paper = ..., ours = ..., why = ... }}, "
+                f"but got {type(entry).__name__} {entry!r}"
+            )
+        unknown = sorted(set(entry) - set(_DEVIATION_KEYS))
+        if unknown:
+            raise CardError(f"{where}: deviations[{i}] has unknown key(s) {unknown}; allowed {list(_DEVIATION_KEYS)}")
+        for key in _DEVIATION_KEYS:
+            if key not in entry:
+                raise CardError(f"{where}: deviations[{i}] is missing {key!r}")
+            value = entry[key]
+            if not isinstance(value, str) or not value.strip():
+                raise CardError(f"{where}: deviations[{i}].{key} must be a non-empty string, but got {value!r}")
+        out.append(Deviation(**{key: entry[key].strip() for key in _DEVIATION_KEYS}))
+    return tuple(out)
 
 
 def spec_from_card(card: cards.Card) -> TaskSpec:
@@ -237,8 +286,12 @@ def spec_from_card(card: cards.Card) -> TaskSpec:
         name=cards.name_field(card, "name"), kind=f("kind", str), version=version, main_score=f("main_score", str),
         suite=suite, datasets=datasets, protocol=dict(f("protocol", dict, {})),
         description=f("description", str, ""), paper=f("paper", str, ""), card=str(card.path), refs=refs,
-        ranked=f("ranked", bool, True),
+        ranked=f("ranked", bool, True), deviations=_deviations(card),
+        variant_of=cards.name_field(card, "variant_of", None),
     )
+    if spec.variant_of == spec.name:
+        raise CardError(f"Card {str(card.path)!r}: field 'variant_of' names the task itself; name the task this "
+                        "card is a protocol variant of")
     if spec.kind not in TASK_KINDS:
         raise CardError(
             f"Card {str(card.path)!r}: field 'kind' names unknown protocol kind {spec.kind!r}; known: {TASK_KINDS.names()}"

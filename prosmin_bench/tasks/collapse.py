@@ -6,8 +6,9 @@ number of principal components holding 99% of the variance, and the mean per-dim
 L2-normalised embeddings (Chen & He, SimSiam, CVPR 2021, Sec. 4.1; Jing et al., ICLR 2022). For checkpoints made
 by the pretraining module for a probabilistic method (ProSMin), the same metrics on the online predictor's mean
 ``mu`` (in the projection head's output space) and the mean predictive ``sigma``; for every checkpoint made by
-the pretraining module, the same metrics on the projector outputs (target backbone -> target projection head, the
-space the loss compares in, where collapse is usually first seen). All the arithmetic is in
+the pretraining module, the same metrics on the projector outputs (the evaluated network's backbone -> its projection
+head: online for ProSMin and MoCo-v3, target for DINO and iBOT; the space the loss compares in, where collapse is
+usually first seen). All the arithmetic is in
 ``prosmin_bench.metrics.collapse``.
 
 Metrics (``dims_99`` is named after ``variance_fraction``):
@@ -135,7 +136,7 @@ def _chunked_mean(features: Any) -> float:
 
 @dataclass(frozen=True)
 class CollapseParams:
-    layer: str = "cls"  # final-norm CLS of the target backbone: the features k-NN scores (docs/protocols.md k-NN)
+    layer: str = "cls"  # final-norm CLS of the evaluated backbone: the features k-NN scores (docs/protocols.md k-NN)
     variance_fraction: float = 0.99  # issue 7: dimensions needed for 99% of the variance
     spectrum_size: int = 256  # leading singular values kept in the record for the spectrum plot
     max_samples: int = 0  # 0 = every row; else a seeded subset (SVD cost grows as N * D * min(N, D))

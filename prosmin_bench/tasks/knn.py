@@ -329,7 +329,7 @@ class KNNTask(Task):
     class Params:
         ks: tuple[int, ...] = (10, 20, 100, 200)  # DINO eval_knn.py nb_knn
         temperature: float = 0.07  # DINO eval_knn.py
-        layer: str = "cls"  # final-norm CLS of the teacher/target backbone (docs/protocols.md k-NN)
+        layer: str = "cls"  # final-norm CLS of the evaluated backbone (docs/protocols.md k-NN)
         n_bins: int = 15  # ECE bins (Guo et al. 2017)
         ts_val_fraction: float = 0.1  # held-out part of the bank for the temperature (the linear probe's split)
 

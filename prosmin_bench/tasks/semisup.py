@@ -1,10 +1,13 @@
 """Semi-supervised classification: fine-tune backbone + linear head on a labelled subset, evaluate on test.
 
-Protocol (docs/protocols.md "Semi-supervised"; iBOT ``evaluation/README.md``): the SimCLR 1% / 10% ImageNet splits,
-end-to-end fine-tuning (iBOT: lr 5e-6, 1000 epochs, from the first layer of the projection head). The suite's
-backbones carry no projection head (official checkpoints ship the backbone only), so the new linear head sits on the
-final-norm CLS token, as in DINO's fine-tuning. The loop and its model selection (best epoch on a held-out part of
-the labelled subset, never the test set) are ``tasks/finetune.py``; subsets are ``data/subsets.py``.
+Protocol (docs/protocols.md "Semi-supervised"; iBOT ``evaluation/README.md``:58-67 and
+``evaluation/semi_supervised/eval_cls.py``): the SimCLR 1% / 10% ImageNet splits, end-to-end fine-tuning with the
+DeiT recipe (RandAugment, Mixup / CutMix, random erasing, label smoothing, drop path; ``tasks/finetune.py``), iBOT's
+lr 5e-6 for 1000 epochs at batch 1024, from the first layer of the projection head (``finetune_head_layer = 1``).
+Official checkpoints carry no projection head, so for them the head sits on the final-norm CLS token, as in DINO's
+fine-tuning (one warning; ``extras["finetune_head_layer_used"]`` says which ran); checkpoints of the suite's
+pretraining keep the head. The loop and its model selection (best epoch on a held-out part of the labelled subset,
+never the test set) are ``tasks/finetune.py``; subsets are ``data/subsets.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def evaluate_finetuned(ctx: TaskContext, result: Any, test_ref: DatasetRef, para
     probs = softmax(logits)
     metrics = classification_metrics(probs, y, params.n_bins)
     metrics.update({"val_top1": result.val_top1, "best_epoch": float(result.best_epoch)})
-    extras = {"history": result.history, "reliability": reliability_extras(probs, y, params.n_bins)}
+    extras = {"history": result.history, "reliability": reliability_extras(probs, y, params.n_bins),
+              "recipe": result.recipe, "finetune_head_layer_used": result.recipe["finetune_head_layer_used"]}
     return metrics, extras, classification_samples(main_score, probs, y)
 
 

@@ -1,4 +1,6 @@
-"""Transfer learning by fine-tuning (DINO / iBOT protocol: fine-tune the whole network on the target set).
+"""Transfer learning by fine-tuning (DINO / iBOT protocol: fine-tune the whole network on the target set with the
+DeiT recipe from timm's objects: RandAugment, Mixup / CutMix, random erasing, label smoothing, drop path; iBOT
+``evaluation/eval_cls.py`` and ``run.sh``, DINO issues #81 / #171; the head on the final-norm CLS token).
 
 The frozen-feature variant is a plain ``linear`` task on the transfer set (``transfer_*_linear`` cards): the same
 cached-feature probe as ``imagenet_linear``, a separate task with its own column. The loop is ``tasks/finetune.py``;

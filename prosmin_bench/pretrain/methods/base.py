@@ -43,6 +43,7 @@ processes or on resumption.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,10 +52,13 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ...models.architectures import build_architecture, set_sincos_position_embedding
+from ...models.architectures import (POS_INTERPOLATIONS, build_architecture, mocov3_init_,
+                                      set_sincos_position_embedding, use_dino_pos_interpolation)
 from ...registry import Registry
 from ..config import ConfigError, MultiCropConfig
 from ..rng import SampleRNG
+
+log = logging.getLogger(__name__)
 
 #: Method classes by name; a method module registers its class with ``@METHODS.register("name")``.
 METHODS: Registry[type["PretrainMethod"]] = Registry("pretraining method")
@@ -81,6 +85,18 @@ class MethodConfig:
     # and SimCLR too) and a fixed 2-D sin-cos position embedding instead of a learned one.
     stop_grad_conv1: bool = False
     sincos_pos_embed: bool = False
+    # MoCo-v3's ViT initialisation (vits.py lines 31-47; models.architectures.mocov3_init_): xavier-uniform linears
+    # with qkv as three blocks, zero biases, patch projection uniform(+-sqrt(6 / (3 p p + D))) with zero bias. With
+    # stop_grad_conv1 this is the projection MoCo-v3 froze (PyTorch's default conv init: half its spread for
+    # ViT-S/16, std 0.021 vs 0.042, and a non-zero bias); every recipe that sets stop_grad_conv1 sets it too.
+    mocov3_init: bool = False
+    # How a backbone built with dynamic_img_size resamples its position embedding for other crop sizes (local
+    # crops): "timm" (timm's resample_abs_pos_embed: bicubic to the target grid, antialiased) or "dino" (DINO's
+    # interpolate_pos_encoding, vision_transformer.py lines 174-194: bicubic, scale factor (n + 0.1) / sqrt(N), no
+    # antialias; models.architectures.dino_interpolate_pos_encoding). A fixed sin-cos table (sincos_pos_embed) is
+    # resampled by the same rule, not recomputed for the smaller grid: a local crop is treated as DINO treats it,
+    # the scene at a lower resolution (MoCo-v3 itself feeds one size only).
+    pos_interp: str = "timm"
 
 
 @dataclass(frozen=True)
@@ -175,9 +191,28 @@ class PretrainMethod(nn.Module):
         return (self.target if self.target is not None else self.online).backbone
 
     def configure_backbone(self) -> None:
-        """Apply the config's ViT stabilisers (``sincos_pos_embed``, ``stop_grad_conv1``) to the online backbone;
-        call before :meth:`init_target_from_online`, which copies the result into the target."""
+        """Apply the config's ViT options (``mocov3_init``, then ``sincos_pos_embed`` and ``stop_grad_conv1``) to the
+        online backbone and ``pos_interp`` to both backbones; call before :meth:`init_target_from_online`, which
+        copies the online weights into the target."""
         c, bb = self.config, self.online.backbone
+        if c.pos_interp not in POS_INTERPOLATIONS:
+            raise ConfigError(f"Expected method.pos_interp to be one of {list(POS_INTERPOLATIONS)}, but got "
+                              f"{c.pos_interp!r}")
+        if c.pos_interp == "dino":
+            for net in (self.online, self.target):
+                if net is not None:
+                    try:
+                        use_dino_pos_interpolation(net.backbone)
+                    except ValueError as exc:
+                        raise ConfigError(f"method.pos_interp = 'dino': {exc}") from None
+        if c.mocov3_init:
+            try:
+                mocov3_init_(bb)
+            except ValueError as exc:
+                raise ConfigError(f"method.mocov3_init: {exc}") from None
+        elif c.stop_grad_conv1:
+            log.warning("method.stop_grad_conv1 freezes the patch projection with timm's default init; MoCo-v3 "
+                        "froze its own (uniform, zero bias): set method.mocov3_init=true for that")
         if c.sincos_pos_embed:
             try:
                 set_sincos_position_embedding(bb)

@@ -9,9 +9,10 @@ tau, positives on the diagonal): InfoNCE against every key of the global batch (
 processes, no gradient), temperature tau = 0.2 for ViTs (``moco/builder.py``, ``main_moco.py``, CONFIG.md).
 
 ViT specifics of the official recipe (``vits.py``, CONFIG.md ``--stop-grad-conv1``): a fixed 2-D sin-cos position
-embedding and a frozen (random) patch projection, both knobs here. The evaluated backbone of this suite's
-checkpoint is the base (online) encoder, as MoCo-v3's own ``main_lincls.py`` and the official-weights converter take
-it (``models.converters``); the other methods are evaluated through their EMA target.
+embedding, MoCo-v3's weight initialisation and a frozen (random) patch projection, all three knobs here. The
+evaluated backbone of this suite's checkpoint is the base (online) encoder, as MoCo-v3's own ``main_lincls.py`` and
+the official-weights converter take it (``models.converters``); the other methods are evaluated through their EMA
+target.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class MoCoV3Config(MethodConfig):
     temperature: float = 0.2  # --moco-t=.2 for ViTs (CONFIG.md)
     stop_grad_conv1: bool = True  # CONFIG.md ViT recipes: --stop-grad-conv1 (frozen random patch projection)
     sincos_pos_embed: bool = True  # vits.py build_2d_sincos_position_embedding (fixed, not learned)
+    mocov3_init: bool = True  # vits.py VisionTransformerMoCo.__init__ lines 31-47 (the projection it freezes)
     weight_decay_all: bool = True  # main_moco.py: torch AdamW(model.parameters()) decays every parameter
 
 
