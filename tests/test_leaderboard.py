@@ -413,18 +413,18 @@ def test_variant_gap_equals_the_difference_of_the_seed_means(tmp_path: Path) -> 
     (line,) = [x for x in text.splitlines() if x.startswith("Protocol variant of `lb_base`")]
     assert (f"lb_aug@1 − lb_base@1, `top1` (points)" in line
             and f"dino_micro {gaps['dino_micro']:+.2f}, prosmin_micro {gaps['prosmin_micro']:+.2f};" in line
-            and f"mean over 2 learned models {statistics.mean(gaps.values()):+.2f}." in line)
+            and f"mean over 2 ranked models {statistics.mean(gaps.values()):+.2f}." in line)
     assert "ibot_micro" not in line
     section = text.split("### lb_aug@1")[1].split("###")[0]
     assert line in section  # in the variant's own section
-    # a reference row is listed but not averaged: the mean stays over the learned models
+    # a reference row is listed but not averaged: the mean stays over the ranked models
     for task in ("lb_base", "lb_aug"):
         rec = record("pixels", task, {0: {"top1": 0.99 if task == "lb_aug" else 0.01}}, kind="linear")
         rec.model_info["reference"] = True
         write_record(rec, root)
     (line,) = [x for x in leaderboard.render(root, "mini").splitlines() if x.startswith("Protocol variant of")]
     assert "pixels +98.00 (not averaged)" in line
-    assert f"mean over 2 learned models {statistics.mean(gaps.values()):+.2f}." in line
+    assert f"mean over 2 ranked models {statistics.mean(gaps.values()):+.2f}." in line
 
 
 def test_variant_models_are_listed_beside_their_model_but_never_ranked(tmp_path: Path) -> None:

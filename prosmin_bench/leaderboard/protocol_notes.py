@@ -79,11 +79,11 @@ def variant_gap_lines(task: str, rs: Sequence[ResultRecord],
     unit = column_unit(main, [v for _, a, b in pairs for v in (a, b)])
     what = "points" if unit in ("rate", "percent") else "raw"
     gaps = [(m, a - b) for m, a, b in pairs]
-    # the mean is over the learned models the page ranks: references and variant rows are listed, not averaged
+    # the mean is over the models the page ranks: references and variant rows are listed, not averaged
     unranked = {r.model for r in rs if is_unranked(r)}
-    learned = [g for m, g in gaps if m not in unranked]
+    ranked = [g for m, g in gaps if m not in unranked]
     per_model = ", ".join(f"{m} {_gap_text(g, unit)}" + (" (not averaged)" if m in unranked else "") for m, g in gaps)
-    mean = (f"mean over {len(learned)} learned model{'s' if len(learned) != 1 else ''} "
-            f"{_gap_text(sum(learned) / len(learned), unit)}" if learned else "no learned model to average")
+    mean = (f"mean over {len(ranked)} ranked model{'s' if len(ranked) != 1 else ''} "
+            f"{_gap_text(sum(ranked) / len(ranked), unit)}" if ranked else "no ranked model to average")
     return [f"{head}: {task}@{rs[0].task_version} − {base}@{base_rs[0].task_version}, `{main}` ({what}), per model "
             f"(each the difference of the means over seeds): {per_model}; {mean}."]
