@@ -572,3 +572,34 @@ def test_metrics_import_nothing_from_the_rest_of_the_package() -> None:
             for name in names:
                 if name == "prosmin_bench" or name.startswith("prosmin_bench."):
                     assert name.startswith("prosmin_bench.metrics"), f"{path.name} imports {name}"
+
+
+def test_mid_ranks_equal_scipys_average_rankdata_with_ties() -> None:
+    from scipy.stats import rankdata as scipy_rankdata
+
+    from prosmin_bench.metrics._ranking import rankdata
+
+    rng = np.random.default_rng(7)
+    for values in (rng.integers(0, 5, size=200).astype(float), rng.normal(size=57), np.array([3.0]),
+                   np.array([2.0, 2.0, 2.0]), np.array([1.0, np.inf, -np.inf, 1.0])):
+        np.testing.assert_array_equal(rankdata(values), scipy_rankdata(values, method="average"))
+
+
+def test_spearman_equals_scipys_on_tied_data() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(8)
+    u, e = rng.integers(0, 6, size=300).astype(float), rng.normal(size=300)
+    e[:50] = 0.0  # many ties in both
+    assert M.spearman_uncertainty_error(u, e) == pytest.approx(spearmanr(u, e).statistic, abs=1e-12)
+
+
+def test_importing_the_metrics_leaves_scipy_stats_and_torch_unimported() -> None:
+    # issue 20: `import prosmin_bench.metrics` stays light (scipy.stats alone cost ~0.8 s)
+    import subprocess
+    import sys
+
+    code = ("import sys, prosmin_bench.metrics; "
+            "print(sorted(m for m in ('scipy.stats', 'scipy.optimize', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

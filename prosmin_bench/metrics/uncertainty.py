@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from prosmin_bench.metrics import _ranking
 from prosmin_bench.metrics._checks import MetricArgumentError, as_float_array, to_numpy
@@ -61,8 +60,8 @@ def misclassification_auroc(uncertainty: Any, correct: Any) -> float:
 def spearman_uncertainty_error(uncertainty: Any, error: Any) -> float:
     """Spearman rank correlation between uncertainty [N] and per-sample error [N] (e.g. 0/1 or a loss).
 
-    In [-1, 1]; positive when more uncertain samples have larger errors (scipy.stats.spearmanr, ties get
-    mid-ranks). Undefined, and an error, when either input is constant.
+    In [-1, 1]; positive when more uncertain samples have larger errors (the Pearson correlation of the two
+    mid-rank vectors, as ``scipy.stats.spearmanr``). Undefined, and an error, when either input is constant.
 
     >>> spearman_uncertainty_error([0.1, 0.5, 0.3], [1.0, 9.0, 4.0])
     1.0
@@ -78,4 +77,7 @@ def spearman_uncertainty_error(uncertainty: Any, error: Any) -> float:
                 f"Expected `{name}` to vary across samples (the rank correlation of a constant is undefined),"
                 f" but all {values.shape[0]} values equal {values[0]:g}"
             )
-    return float(spearmanr(u, e).statistic)
+    ru, re_ = _ranking.rankdata(u), _ranking.rankdata(e)
+    ru -= ru.mean()
+    re_ -= re_.mean()
+    return float(np.clip(ru @ re_ / np.sqrt((ru @ ru) * (re_ @ re_)), -1.0, 1.0))
