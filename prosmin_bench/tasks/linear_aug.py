@@ -64,7 +64,7 @@ from .base import BackboneFace, Task, TaskContext, TaskOutput, classification_sa
 from .probes import classification_metrics, feature_stats, predict_logits, reliability_extras, softmax, \
     stratified_holdout
 from .scaling import temperature_metrics
-from .selection import Score, check_bounds, select_on_grid
+from .selection import Score, check_bounds, logits_score, select_on_grid
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +283,7 @@ class LinearAugTask(Task):
             if lr not in trained:  # a grid extension point: one more pass, for it alone
                 trained.update(self._pass(ctx, fit_idx, [lr], c, ref.features, "fit-part"))
             logits = predict_logits(trained[lr], x_val).astype(np.float64)
-            if not len(val_idx):
-                score = Score(0.0, 0.0)
-            elif not np.all(np.isfinite(logits)):  # a diverged head: worse than any finite score
-                score = Score(float("nan"), float("nan"))
-            else:
-                nll = float(F.cross_entropy(torch.from_numpy(logits), torch.as_tensor(y_val)).item())
-                score = Score(float((logits.argmax(1) == y_val).mean()), nll)
+            score = logits_score(logits, y_val)
             if best["key"] is None or score.key > best["key"]:  # select_on_grid's rule: the first best wins
                 best.update(key=score.key, logits=logits, lr=lr)
             return score
@@ -315,6 +309,6 @@ class LinearAugTask(Task):
                              "n_train": int(len(y)), "n_fit": int(len(fit_idx)), "n_held_out": int(len(val_idx))},
             "reliability": reliability_extras(probs, labels, p.n_bins),
             "selection": {"lr": sel.as_extras()},
-            "val_scores": {f"{v:g}": {"top1": s.top1, "nll": s.nll} for v, s in sorted(sel.scores.items())},
+            "val_scores": sel.score_table(),
         }
         return TaskOutput(metrics, extras, classification_samples(self.spec.main_score, probs, labels))

@@ -256,7 +256,7 @@ class LowShotTask(Task):
         metrics.update({"val_top1": sel.scores[sel.chosen].top1, "lambda": lam, "n_labelled": float(len(y))})
         extras = {
             "subset": subset.info, "lambda_choice": labels[sel.chosen],
-            "val_scores": {labels[v]: {"top1": sc.top1, "nll": sc.nll} for v, sc in sorted(sel.scores.items())},
+            "val_scores": sel.score_table(labels.__getitem__),
             "selection": {"lambda": sel.as_extras()},
             "reliability": reliability_extras(probs, y_test, p.n_bins),
         }

@@ -49,7 +49,7 @@ from ..metrics import (
 )
 from ..paths import inside
 from .base import TASK_KINDS, TaskContext, TaskSpec, get_task_spec
-from .selection import Score, select_on_grid
+from .selection import Score, logits_score, select_on_grid
 
 log = logging.getLogger(__name__)
 
@@ -277,13 +277,7 @@ def fit_linear_probe(ctx: TaskContext, train_ref: DatasetRef, params: LinearPara
                                  momentum=params.momentum, weight_decay=params.weight_decay, seed=ctx.seed,
                                  device=ctx.device, standardise=params.standardise)
         logits = predict_logits(head, x_val).astype(np.float64)
-        if not len(val_idx):
-            score = Score(0.0, 0.0)
-        elif not np.all(np.isfinite(logits)):  # a diverged head: worse than any finite score
-            score = Score(float("nan"), float("nan"))
-        else:
-            nll = float(F.cross_entropy(torch.from_numpy(logits), torch.as_tensor(y_val, dtype=torch.long)).item())
-            score = Score(float((logits.argmax(1) == y_val).mean()), nll)
+        score = logits_score(logits, y_val)
         log.debug("linear probe lr %g: held-out top1 %.4f nll %.4f", lr, score.top1, score.nll)
         if best["key"] is None or score.key > best["key"]:  # the rule of select_on_grid: the first best wins
             best.update(key=score.key, logits=logits, head=head)
@@ -296,7 +290,7 @@ def fit_linear_probe(ctx: TaskContext, train_ref: DatasetRef, params: LinearPara
                              momentum=params.momentum, weight_decay=params.weight_decay, seed=ctx.seed,
                              device=ctx.device, standardise=params.standardise)
     val_top1 = sel.scores[lr].top1
-    val_scores = {f"{v:g}": {"top1": sc.top1, "nll": sc.nll} for v, sc in sorted(sel.scores.items())}
+    val_scores = sel.score_table()
     calib = best["head"] if len(val_idx) else None
     out = LinearHead(head, params.layer, lr, val_top1, c, temperature, sel.as_extras(), val_scores, calib)
     with atomic_path(path) as tmp:

@@ -28,6 +28,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 #: Most points added on one side of a grid (with a ratio of 3 that spans 3^20 ~ 3.5e9, more than any bound here).
 MAX_EXTENSION = 20
 
@@ -47,6 +51,18 @@ class Score:
         return (self.top1, -self.nll)
 
 
+def logits_score(logits: np.ndarray, labels: np.ndarray) -> Score:
+    """The held-out :class:`Score` of a head's logits [N, C] (float64) on labels [N]: top-1 and mean cross-entropy.
+    A head with any non-finite logit diverged and scores NaN (below every finite score); no held-out rows score
+    (0, 0)."""
+    if not len(labels):
+        return Score(0.0, 0.0)
+    if not np.all(np.isfinite(logits)):
+        return Score(float("nan"), float("nan"))
+    nll = float(F.cross_entropy(torch.from_numpy(logits), torch.as_tensor(labels, dtype=torch.long)).item())
+    return Score(float((logits.argmax(1) == labels).mean()), nll)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The outcome of :func:`select_on_grid`: every value evaluated with its score (in evaluation order), the
@@ -59,6 +75,11 @@ class Selection:
     @property
     def grid(self) -> list[float]:
         return sorted(self.scores)
+
+    def score_table(self, name: Callable[[float], str] = lambda v: f"{v:g}") -> dict[str, dict[str, float]]:
+        """``{name(value): {"top1": ..., "nll": ...}}`` over the evaluated values in ascending order, the record's
+        ``extras["val_scores"]``."""
+        return {name(v): {"top1": sc.top1, "nll": sc.nll} for v, sc in sorted(self.scores.items())}
 
     def as_extras(self) -> dict[str, object]:
         """``{"grid": [...], "chosen": value, "edge": bool}``, the per-seed ``extras["selection"][hparam]``."""
