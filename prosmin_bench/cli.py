@@ -13,8 +13,7 @@ import threading
 
 from . import cards
 from .cli_args import build_parser, parse_memory
-from .errors import ProsminBenchError
-from .metrics import MetricArgumentError
+from .errors import ProsminBenchError, one_line
 
 log = logging.getLogger("prosmin_bench")
 
@@ -47,11 +46,14 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from . import config, distributed, leaderboard, suite
+    from . import config, distributed, leaderboard, parallel, suite, threads
     from .features import default_num_workers
     from .runner import RunOptions
 
     chosen = suite.select(a.model, a.task, a.suite)  # which models, tasks and default seeds
+    jobs = min(a.jobs, len(chosen.models)) if a.jobs is not None else parallel.default_jobs(len(chosen.models),
+                                                                                            a.device)
+    threads.apply(a.threads, jobs=jobs)  # this process's share; each --jobs worker applies its own
     # Loader workers only pay off for files on disk (ImageNet scale); the mini data lives in memory.
     workers = a.num_workers if a.num_workers is not None else (default_num_workers() if a.data_root else 0)
     opts = RunOptions(
@@ -60,7 +62,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         overwrite=a.overwrite, precision=a.precision, feature_dtype=a.feature_dtype, data_hash=a.data_hash,
         batch_size=a.batch_size, num_workers=workers,
         max_memory=a.max_memory if isinstance(a.max_memory, int) else parse_memory(a.max_memory),
-        pretrain_missing=not a.no_pretrain,
+        pretrain_missing=not a.no_pretrain, shipped=not a.no_shipped, jobs=jobs, threads=a.threads,
     )
     if a.leaderboard is not None:  # a page that cannot be written must not wait until after all the work
         leaderboard.check_destination(a.leaderboard, "--leaderboard")
@@ -115,9 +117,9 @@ def cmd_list(a: argparse.Namespace) -> int:
         header = ["model", "arch", "weights", "method", "scale", "origin", "description"]
         sys.stdout.write(tabulate(rows, header) + "\n")
     elif a.what == "tasks":
-        from .tasks import catalogue
+        from .tasks.spec import task_index  # the cards only: no kind module, no torch
 
-        reg = catalogue()
+        reg = task_index()
         rows = [[n, s.kind, s.version, s.suite, s.main_score, _origin(reg.origin(n))] for n, s in reg.items()]
         sys.stdout.write(tabulate(rows, ["task", "kind", "version", "suite", "main score", "origin"]) + "\n")
     elif a.what == "datasets":
@@ -136,6 +138,9 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     from .pretrain import pretrain
     from .pretrain.config import parse_overrides
 
+    from . import threads
+
+    threads.apply(a.threads)
     overrides = parse_overrides(a.set)
     if a.data_root is not None:
         overrides.setdefault("data_root", str(a.data_root))
@@ -210,6 +215,9 @@ def _interrupted(a: argparse.Namespace, exc: KeyboardInterrupt) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import threads
+
+    threads.prepare_environment()  # before torch loads OpenMP: idle threads sleep instead of spinning (threads.py)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
@@ -223,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         for d in a.cards:
             cards.add_card_dir(d)
         return COMMANDS[a.command](a)
-    except (ProsminBenchError, MetricArgumentError) as exc:
-        if a.debug:
+    except (ProsminBenchError, ValueError) as exc:
+        # A metric's argument error (metrics.MetricArgumentError, a ValueError) is the user's to fix as well; it can
+        # only come from a loaded prosmin_bench.metrics, which the CLI does not import up front (a light --help).
+        metrics = sys.modules.get("prosmin_bench.metrics")
+        user = isinstance(exc, ProsminBenchError) or (
+            metrics is not None and isinstance(exc, metrics.MetricArgumentError))
+        if a.debug or not user:
             raise
-        from .runner import one_line
-
         msg = one_line(exc)
         sys.stderr.write(f"prosmin-bench: error: {msg}\n")
         return getattr(exc, "exit_code", 2)

@@ -14,7 +14,8 @@ from .record_schema import MAX_SEED, seeds_problem
 DESCRIPTION = "Command line: thin; every subcommand fills a typed options object and makes one library call."
 
 EXAMPLES = """examples:
-  prosmin-bench run                                    # the mini suite: pretrain missing micro models, evaluate, leaderboard
+  prosmin-bench run                                    # the mini suite: evaluate (shipped micro checkpoints), leaderboard
+  prosmin-bench run --jobs 1 --threads 2               # one model at a time with two threads (default: a job per core)
   prosmin-bench run --model random_micro --task digits_knn --task digits_linear
   prosmin-bench run --model prosmin_vits16 --task imagenet_c --data-root /data
   prosmin-bench run --suite imagenet --model dino_vits16 --model ibot_vits16 --weights-dir /ckpts
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "content (sha256 of every file; reads the whole dataset)")
     r.add_argument("--batch-size", type=positive_batch, default=256)
     r.add_argument("--num-workers", type=non_negative_workers, default=None, help="data loader workers (default: from the machine)")
-    r.add_argument("--max-memory", type=parse_memory, default="1G", help="working memory for k-NN blocks, e.g. 4G")
+    r.add_argument("--max-memory", type=parse_memory, default="1G",
+                   help="working memory for k-NN blocks and linear_aug's feature memo, e.g. 4G")
     r.add_argument("--data-root", type=Path, default=None, help="ImageNet-scale data root (see `data check`)")
     r.add_argument("--weights", default=None, help="checkpoint path for the one --model")
     r.add_argument("--weights-dir", default=None, help="folder searched first for official weights")
@@ -116,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the committed records are rewritten only with --results leaderboards/results)")
     r.add_argument("--overwrite", action="store_true", help="recompute records that exist")
     r.add_argument("--no-pretrain", action="store_true", help="do not pretrain missing micro models")
+    r.add_argument("--no-shipped", action="store_true",
+                   help="pretrain the micro models here instead of using the checkpoints shipped in the package")
+    r.add_argument("--jobs", type=positive_workers, default=None,
+                   help="models evaluated at once in worker processes (default: one per core for CPU runs)")
+    r.add_argument("--threads", type=positive_workers, default=None,
+                   help="intra-op threads per job (default: the cores shared by the jobs; or $PROSMIN_BENCH_THREADS)")
     r.add_argument("--leaderboard", type=Path, default=None, metavar="FILE.md|DIR",
                    help="also write the leaderboard: one markdown file, or suite pages + figures into DIR")
 
@@ -130,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", default="auto")
     pt.add_argument("--data-root", type=Path, default=None)
     pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    pt.add_argument("--threads", type=positive_workers, default=None,
+                    help="intra-op threads (default: the usable cores; or $PROSMIN_BENCH_THREADS)")
 
     lb = sub.add_parser("leaderboard", help="render the leaderboard markdown from result files")
     lb.add_argument("--results", type=Path, default=None,

@@ -23,6 +23,7 @@ from .features import extract
 from .record_samples import main_score_interval
 from .results import ResultRecord, git_commit, utc_now, versions
 from .settings import EvalSettings
+from .threads import execution_info
 from .tasks import TaskContext, TaskSpec, build_task
 
 
@@ -218,5 +219,6 @@ def run_one(spec: TaskSpec, source: FeatureSource, *, seeds: Sequence[int], run_
                     **({"network": model.network} if model.network else {}),
                     **({"variant_of": mspec.variant_of} if mspec.variant_of else {})},
         versions=versions(), git_commit=git_commit(), device=str(settings.device), wall_time_s=wall,
+        execution=execution_info(),
         images_per_second=(sum(ips) / len(ips)) if ips else None, timestamp_utc=utc_now(),
     )

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,43 @@ def _forward(model: Any, images: torch.Tensor, layer: str) -> torch.Tensor:
     return model.features(images, layer)
 
 
+def array_batches(dataset: Any, transform: Any, batch_size: int,
+                  indices: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Batches (images [B, 3, H, W] float32, labels [B]) of an in-memory uint8 dataset (the mini data) made by
+    tensor ops on the whole batch, or None when ``transform`` is not the plain eval transform they reproduce.
+
+    The eval transform of 32-px models is CenterCrop(32) + ToTensor + Normalize on 32-px images: the crop keeps
+    the image, ToTensor is ``uint8 / 255`` in float32 and Normalize ``(x - mean) / std``, each elementwise, so
+    doing them on a batch gives the same bits as image by image (tests/test_features.py checks equality) at a
+    fraction of the cost: per-image PIL conversion and transform calls took as long as the micro ViT's forward.
+    """
+    from torchvision import transforms as T
+
+    from .data.base import ArrayImageDataset
+
+    if not isinstance(dataset, ArrayImageDataset) or not isinstance(transform, T.Compose):
+        return None
+    if type(dataset).get_image is not ArrayImageDataset.get_image or type(dataset).__getitem__ is not \
+            ArrayImageDataset.__getitem__:
+        return None  # a subclass that reads its images its own way (or fails on some) is served image by image
+    ops = transform.transforms
+    if [type(op) for op in ops] != [T.CenterCrop, T.ToTensor, T.Normalize] or ops[2].inplace:
+        return None
+    if tuple(ops[0].size) != tuple(dataset.images.shape[1:3]):
+        return None  # a crop that cuts the image: leave it to torchvision
+    mean = torch.as_tensor(ops[2].mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.as_tensor(ops[2].std, dtype=torch.float32).view(1, 3, 1, 1)
+    order = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            x = torch.from_numpy(dataset.images[idx]).permute(0, 3, 1, 2).to(torch.float32).div(255)
+            yield x.sub(mean).div(std), torch.from_numpy(dataset.labels[idx])
+
+    return batches()
+
+
 def _ram_array(shape: tuple[int, int], dtype: Any) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
 
@@ -169,14 +206,16 @@ def compute_features(
     device = torch.device(device)
     store_dtype = STORE_DTYPES[dtype]
     allocate = allocate or _ram_array
-    ds = dataset.with_transform(model.transform)
-    if indices is not None:
-        ds = torch.utils.data.Subset(ds, indices)
-    n = len(ds)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-    )
+    n = len(dataset) if indices is None else len(indices)
+    loader: Any = array_batches(dataset, model.transform, batch_size, indices)
+    if loader is None:
+        ds = dataset.with_transform(model.transform)
+        if indices is not None:
+            ds = torch.utils.data.Subset(ds, indices)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
     if progress is None:
         progress = (sys.stderr.isatty() if PROGRESS is None else PROGRESS) and distributed.is_main()
     model.eval()
@@ -186,7 +225,7 @@ def compute_features(
     amp = PRECISIONS[precision]
     start = time.perf_counter()
     with torch.no_grad():
-        for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False, total=-(-n // batch_size)):
             images = images.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
                 batch = _forward(model, images, layer).float().cpu().numpy()

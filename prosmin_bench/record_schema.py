@@ -117,8 +117,8 @@ _RESULT_FIELDS: dict[str, tuple[bool, tuple[str, Any]]] = {
     "per_seed": (True, _OBJECT), "mean": (True, _OBJECT), "std": (True, _OBJECT),
     "protocol": (False, _OBJECT), "run_config": (False, _OBJECT), "datasets": (False, _OBJECT), "data": (False, _OBJECT),
     "extras": (False, _OBJECT), "model_info": (False, _OBJECT), "versions": (False, _OBJECT),
-    "git_commit": (False, _OPT_STR), "device": (False, _STR), "wall_time_s": (False, _NUMBER),
-    "images_per_second": (False, _OPT_NUMBER), "timestamp_utc": (False, _STR),
+    "git_commit": (False, _OPT_STR), "device": (False, _STR), "execution": (False, _OBJECT),
+    "wall_time_s": (False, _NUMBER), "images_per_second": (False, _OPT_NUMBER), "timestamp_utc": (False, _STR),
     "ranked": (False, ("a boolean or null", lambda v: v is None or isinstance(v, bool))),  # null: before it existed
     "ci95": (False, _OBJECT), "samples": (False, _OBJECT),
 }

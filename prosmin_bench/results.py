@@ -110,6 +110,9 @@ class ResultRecord(_JSONRecord):
     versions: dict[str, str] = field(default_factory=dict)
     git_commit: str | None = None
     device: str = ""
+    # How the CPU was used (threads.execution_info: intra/inter-op threads, --jobs, the OpenMP wait policy); it
+    # explains wall_time_s and never changes a number, so a record is reused whatever it says.
+    execution: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float = 0.0
     images_per_second: float | None = None
     timestamp_utc: str = ""

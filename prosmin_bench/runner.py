@@ -40,6 +40,8 @@ from .results import (
 )
 from .settings import PRECISIONS, STORE_DTYPES, EvalSettings
 from .tasks import TaskSpec, build_task, get_task_spec, linear_aug
+from .parallel import check_jobs
+from .threads import resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,13 @@ class RunOptions:
     num_workers: int = EvalSettings.num_workers
     max_memory: int = EvalSettings.max_memory  # bytes of working memory for k-NN similarity blocks
     pretrain_missing: bool = True  # train mini-scale recipe models whose checkpoint is missing (suite.ensure_weights)
+    # Use the micro checkpoints shipped in the package (models/shipped.py) when no checkpoint of the recipe was made
+    # here; False pretrains them here instead.
+    shipped: bool = True
+    # Models evaluated at once in worker processes (parallel.py); 1 = in this process. The CLI's default is one
+    # per usable core for CPU runs (parallel.default_jobs); the library's is 1, so a caller's process is not forked.
+    jobs: int = 1
+    threads: int | None = None  # intra-op threads of each job (None: threads.apply's policy)
 
     def __post_init__(self) -> None:
         self.check()
@@ -76,6 +85,7 @@ class RunOptions:
     def check(self) -> None:
         """Refuse settings that would give wrong numbers (a repeated seed counted twice) or fail mid-run."""
         self.seeds = check_seeds(self.seeds)
+        resolve_threads(self.threads, check_jobs(self.jobs))  # ThreadConfigError for a count that is not positive
         for name, allowed in (("precision", PRECISIONS), ("feature_dtype", STORE_DTYPES), ("data_hash", DATA_HASHES)):
             if getattr(self, name) not in allowed:
                 raise ProsminBenchError(f"Expected `{name}` to be one of {list(allowed)}, but got "
@@ -188,7 +198,7 @@ def _load_model_everywhere(mspec: ModelSpec, opts: RunOptions, dev: torch.device
             return given.to(dev)
         if prepare is not None:
             prepare(mspec, opts)
-        return get_model(mspec, weights=opts.weights, device=dev, weights_dir=opts.weights_dir)
+        return get_model(mspec, weights=opts.weights, device=dev, weights_dir=opts.weights_dir, shipped=opts.shipped)
 
     def failed_on(rank: int, message: str) -> distributed.DistributedError:
         return distributed.DistributedError(f"Rank {rank} could not load {mspec.name}: {message}")
@@ -249,6 +259,21 @@ def _error_record(model: str, spec: TaskSpec, exc: BaseException) -> ErrorRecord
         traceback="" if user else "".join(traceback.format_exception(exc))[-4000:],
         versions=versions(), git_commit=git_commit(), timestamp_utc=utc_now(),
     )
+
+
+def error_records(model: str, tspecs: Sequence[TaskSpec], exc: BaseException, opts: RunOptions) -> list[Record]:
+    """An ErrorRecord of ``exc`` for every task of a model that could not be loaded, written where no finished result
+    is: another run (another job on the same folder, or an earlier run with working weights) may have written one."""
+    records: list[Record] = []
+    for tspec in tspecs:
+        rec = _error_record(model, tspec, exc)
+        path = record_path(opts.results_dir, model, tspec.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _record_lock(opts.results_dir, path):
+            if not _is_result(path):
+                write_record(rec, opts.results_dir)
+        records.append(rec)
+    return records
 
 
 def evaluate(
@@ -321,6 +346,10 @@ def evaluate(
     resolve_device(opts.device)  # so does a device this machine does not have
     check_writable(opts.results_dir)
     check_cache_writable()  # features, heads, checkpoints and locks live there
+    if opts.jobs > 1 and len(mspecs) > 1 and all(b is None for b in given) and not distributed.launched_by_torchrun():
+        from . import parallel
+
+        return parallel.evaluate(mspecs, tspecs, opts, prepare_weights)  # a user's nn.Module stays in this process
     distributed.init_from_env(opts.device)  # joins the process group under torchrun; a no-op otherwise
     dev = resolve_device(opts.device)  # in the group, this process's own GPU
     if not distributed.is_main():
@@ -333,16 +362,7 @@ def evaluate(
             model = _load_model_everywhere(mspec, opts, dev, prepare_weights, given[model_index])
         except (ProsminBenchError, OSError) as exc:
             log.error("%s: %s", mspec.name, one_line(exc))
-            for tspec in tspecs:
-                rec = _error_record(mspec.name, tspec, exc)
-                path = record_path(opts.results_dir, mspec.name, tspec.name)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with _record_lock(opts.results_dir, path):
-                    # Never replace a finished result with this failure: another run (another job on the same
-                    # folder, or an earlier run with working weights) may have written it.
-                    if not _is_result(path):
-                        write_record(rec, opts.results_dir)
-                records.append(rec)
+            records += error_records(mspec.name, tspecs, exc, opts)
             continue
         source = feature_source(model, opts, dev)
         for tspec in tspecs:

@@ -29,7 +29,7 @@ class EvalSettings:
     data_root: Path | None = None  # folder of the ImageNet-scale data; the mini data ships inside packages
     batch_size: int = 256  # images per forward pass: DINO's eval_knn.py / eval_linear.py per-GPU batch
     num_workers: int = 0  # data-loader processes; 0 loads in this process (portable, enough for the mini data)
-    max_memory: int = 1 << 30  # bytes for k-NN similarity blocks: 1 GiB fits any GPU and a laptop
+    max_memory: int = 1 << 30  # bytes for k-NN blocks and linear_aug's feature memo: 1 GiB fits any GPU and a laptop
     precision: str = "fp32"  # autocast of the forward passes: exact float32 numbers unless asked otherwise
     feature_dtype: str = "float32"  # stored features: float32 keeps every digit the backbone gave
 

@@ -28,6 +28,7 @@ from .errors import ProsminBenchError, WeightsError
 from .models import ModelSpec
 from .models.custom import MODULE_PREFIX
 from .models.checkpoints import check_format, interrupted_at
+from .models.shipped import shipped_checkpoint
 from .models.weights import interrupted_message, load_checkpoint_file, remake_advice, weights_dir_candidates
 from .models.zoo import catalogue as model_catalogue
 from .models.zoo import get_model_spec
@@ -118,6 +119,8 @@ def ensure_weights(spec: ModelSpec, opts: RunOptions) -> None:
         return  # get_model loads the given file (and refuses it if it is interrupted)
     recipe = spec.weights.recipe
     path = recipe_checkpoint_path(recipe)
+    if opts.shipped and not path.is_file() and _shipped_is_current(recipe):
+        return  # get_model loads the checkpoint shipped in the package (models/shipped.py)
     # Under torchrun every rank pretrains together: rank 0 alone holds the lock and tells the others what to do.
     with _recipe_lock(recipe) if distributed.is_main() else contextlib.nullcontext():
         state: Any = None
@@ -138,6 +141,23 @@ def ensure_weights(spec: ModelSpec, opts: RunOptions) -> None:
             log.info("%s (recipe %s): its pretraining was interrupted at step %d of %d; resuming it", spec.name,
                      recipe, *state)
         pretrain(recipe, device=opts.device, resume=True)
+
+
+def _shipped_is_current(recipe: str) -> bool:
+    """Whether the package ships a checkpoint of ``recipe`` pretrained with the recipe as it is defined now (else it
+    is pretrained here, with a warning naming what changed; tests/test_shipped.py keeps the shipped ones current)."""
+    shipped = shipped_checkpoint(recipe)
+    if shipped is None:
+        return False
+    ckpt = load_checkpoint_file(shipped, remake=remake_advice(recipe, shipped, automatic=True))
+    diffs = config_differences(ckpt["config"], resolve_config(recipe).to_dict())
+    if diffs:
+        log.warning("the checkpoint of recipe %s shipped in the package was made with another config (%s); "
+                    "pretraining the recipe here instead", recipe, "; ".join(diffs[:3]))
+        return False
+    log.info("recipe %s: using the checkpoint shipped in the package (%s); `prosmin-bench pretrain --recipe %s` "
+             "makes it here instead", recipe, shipped, recipe)
+    return True
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""k-NN (DINO weighted vote) against a direct dense implementation written here, chunked against unchunked, tiny
-memory budgets, fewer than 100 test images, k > N_train, memory-mapped banks and a measured memory bound."""
+"""k-NN (DINO weighted vote) against a direct dense implementation written here and scikit-learn's exact neighbours,
+the dense and streaming searches (forced, and chosen by the memory budget), chunked against unchunked, tiny memory
+budgets, fewer than 100 test images, k > N_train, memory-mapped banks and a measured memory bound."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from prosmin_bench.errors import FeatureError
-from prosmin_bench.tasks.knn import _RESULT_BYTES_PER_K, _chunk_sizes, _working_bytes, knn_predict, knn_topk
+from prosmin_bench.tasks.knn import _RESULT_BYTES_PER_K, _chunk_sizes, _working_bytes, knn_plan, knn_predict, knn_topk
 
 
 def dense_knn_probs(train: np.ndarray, labels: np.ndarray, test: np.ndarray, k: int, temperature: float,
@@ -76,9 +77,9 @@ def test_chunked_equals_unchunked_and_the_plan_really_chunks():
         plans.append((q, b))
         assert q < n_test and b < n_train, (budget, q, b)  # several query chunks and several bank chunks
         assert _working_bytes(q, b, dim, k, 4) + result <= budget
-        sims, idx = knn_topk(xtr, xte, k, max_memory=budget)
+        sims, idx = knn_topk(xtr, xte, k, max_memory=budget, path="stream")
         assert_same_neighbours(xtr, xte, sims, idx)
-        probs = knn_predict(xtr, ytr, xte, k=k, num_classes=7, max_memory=budget + vote_bytes)
+        probs = knn_predict(xtr, ytr, xte, k=k, num_classes=7, max_memory=budget + vote_bytes, path="stream")
         torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
     assert plans[0][0] > 1 and plans[1][0] == 1  # many queries per chunk, then one
 
@@ -86,7 +87,7 @@ def test_chunked_equals_unchunked_and_the_plan_really_chunks():
 def test_class_sorted_bank_takes_the_heavy_row_path_and_stays_exact(monkeypatch):
     """A bank sorted by class (as ImageFolder lists ImageNet): when a query's own class arrives, more than k of
     its rows beat the running k-th best at once."""
-    from prosmin_bench.tasks import knn
+    from prosmin_bench.tasks import knn_search
 
     rng = np.random.default_rng(7)
     classes, per_class, dim, k = 200, 25, 16, 20
@@ -95,15 +96,15 @@ def test_class_sorted_bank_takes_the_heavy_row_path_and_stays_exact(monkeypatch)
     xtr = (centres[ytr] + 0.05 * rng.normal(size=(len(ytr), dim))).astype(np.float32)
     xte = (centres + 0.05 * rng.normal(size=(classes, dim))).astype(np.float32)
     calls = []
-    real = knn._merge_heavy
-    monkeypatch.setattr(knn, "_merge_heavy", lambda *a: (calls.append(len(a[3])), real(*a)))
+    real = knn_search._merge_heavy
+    monkeypatch.setattr(knn_search, "_merge_heavy", lambda *a: (calls.append(len(a[3])), real(*a)))
     budget = 3_100_000
     q, b = _chunk_sizes(classes, len(ytr), k, budget - _RESULT_BYTES_PER_K * k * classes, 4, dim=dim)
     assert q == classes and b < len(ytr)
-    sims, idx = knn_topk(xtr, xte, k, max_memory=budget)
+    sims, idx = knn_topk(xtr, xte, k, max_memory=budget, path="stream")  # this budget also fits the dense path
     assert sum(calls) > 0  # rows with more than k candidates in one block were merged by their own top-k
     assert_same_neighbours(xtr, xte, sims, idx)
-    np.testing.assert_allclose(knn_predict(xtr, ytr, xte, k=k, max_memory=budget + (1 << 20)).numpy(),
+    np.testing.assert_allclose(knn_predict(xtr, ytr, xte, k=k, max_memory=budget + (1 << 20), path="stream").numpy(),
                                dense_knn_probs(xtr, ytr, xte, k, 0.07, classes), rtol=1e-4, atol=1e-6)
 
 
@@ -187,6 +188,120 @@ def test_measured_peak_memory_stays_under_the_budget(tmp_path):
     te = torch.nn.functional.normalize(torch.from_numpy(test[:5]), dim=1)
     ref_s, _ = (te @ tr.T).topk(k, dim=1)
     torch.testing.assert_close(sims[:5], ref_s, rtol=0, atol=1e-6)
+
+
+def _sklearn_neighbours(train: np.ndarray, test: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's exact brute-force cosine neighbours in float64: (similarities, indices) [N_test, k]."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(train.astype(np.float64))
+    dist, idx = nn.kneighbors(test.astype(np.float64))
+    return 1.0 - dist, idx
+
+
+@pytest.mark.parametrize("path", ["dense", "stream"])
+def test_both_searches_give_sklearns_exact_neighbours_and_the_direct_vote(path):
+    rng = np.random.default_rng(11)
+    xtr, xte = rng.standard_normal((3000, 32), dtype=np.float32), rng.standard_normal((700, 32), dtype=np.float32)
+    ytr = rng.integers(0, 10, 3000)
+    k, budget = 200, 8 << 20
+    plan = knn_plan(xtr, xte, k, max_memory=budget, path=path)
+    assert plan.path == path and plan.query_chunk < 700  # several query chunks
+    if path == "stream":
+        assert plan.bank_chunk < 3000  # and several bank chunks
+    sims, idx = knn_topk(xtr, xte, k, max_memory=budget, path=path)
+    ref_s, ref_i = _sklearn_neighbours(xtr, xte, k + 1)
+    np.testing.assert_allclose(sims.numpy(), ref_s[:, :k], rtol=0, atol=1e-5)
+    # neighbour sets are exact wherever the k-th and (k+1)-th similarities are not within float32 rounding
+    untied = ref_s[:, k - 1] - ref_s[:, k] > 1e-5
+    assert untied.mean() > 0.9
+    np.testing.assert_array_equal(np.sort(idx.numpy()[untied], 1), np.sort(ref_i[untied, :k], 1))
+    probs = knn_predict(xtr, ytr, xte, k=k, num_classes=10, max_memory=budget + (1 << 20), path=path)
+    ref = dense_knn_probs(xtr, ytr, xte, k, 0.07, 10)
+    np.testing.assert_allclose(probs.numpy()[untied], ref[untied], rtol=1e-4, atol=1e-6)
+    # an excluded part of the bank: the neighbours among the other rows, mapped back to bank indices
+    exclude = rng.random(3000) < 0.25
+    sims, idx = knn_topk(xtr, xte, k, max_memory=budget, path=path, exclude=exclude)
+    kept = np.flatnonzero(~exclude)
+    ref_s, ref_i = _sklearn_neighbours(xtr[kept], xte, k + 1)
+    untied = ref_s[:, k - 1] - ref_s[:, k] > 1e-5
+    np.testing.assert_allclose(sims.numpy(), ref_s[:, :k], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.sort(idx.numpy()[untied], 1), np.sort(kept[ref_i[untied, :k]], 1))
+
+
+def test_the_search_path_follows_the_memory_budget(monkeypatch):
+    """Dense exactly when the whole bank and a block of 64 queries x the bank fit (all queries when fewer), as the
+    bytes are counted: normalised bank (read + float32 copies), query block, similarity block, top-k buffers."""
+    from prosmin_bench.tasks import knn_search
+
+    xtr, ytr, xte, _ = clustered(2000, 300, 16, 4, seed=12)
+    k, threads = 20, torch.get_num_threads()
+    result = 12 * k * 300  # float32 similarity + int64 index per query and neighbour
+    bank_bytes = 2000 * (16 * (4 + 8) + 16 * threads)  # bank as read + float32 + normalised; top-k row copies
+    per_query = 16 * (4 + 4) + 4 * 2000 + 12 * k  # query as read + normalised, similarity row, top-k output
+    smallest = result + bank_bytes + 64 * per_query
+    ran = []
+    for name in ("_dense", "_stream"):
+        real = getattr(knn_search, name)
+        monkeypatch.setattr(knn_search, name, lambda *a, _n=name, _r=real: (ran.append(_n[1:]), _r(*a)))
+    for budget, path, q in [(1 << 30, "dense", 300), (smallest + per_query - 1, "dense", 64),
+                            (smallest, "dense", 64), (smallest - 1, "stream", None)]:
+        plan = knn_plan(xtr, xte, k, max_memory=budget)
+        assert plan.path == path and plan.bytes <= budget, (budget, plan)
+        if q is not None:
+            assert plan.query_chunk == q and plan.bank_chunk == 2000
+            assert plan.bytes == result + bank_bytes + q * per_query
+        ran.clear()
+        sims, idx = knn_topk(xtr, xte, k, max_memory=budget)
+        assert ran == [path]
+        assert_same_neighbours(xtr, xte, sims, idx)
+    few = xte[:10]  # fewer queries than a dense block's minimum: dense when they all fit
+    assert knn_plan(xtr, few, k, max_memory=12 * k * 10 + bank_bytes + 10 * per_query).path == "dense"
+    assert knn_plan(xtr, few, k, max_memory=12 * k * 10 + bank_bytes + 10 * per_query - 1).path == "stream"
+    with pytest.raises(FeatureError, match="dense path"):
+        knn_topk(xtr, xte, k, max_memory=smallest - 64 * per_query, path="dense")
+    with pytest.raises(FeatureError, match="`path`"):
+        knn_plan(xtr, xte, k, path="sparse")
+
+
+def test_dense_search_measured_peak_memory_stays_under_the_budget():
+    """The dense path's memory model, measured: a 100k x 64 float32 bank in RAM under a 128 MiB budget."""
+    rng = np.random.default_rng(13)
+    bank, test = rng.standard_normal((100_000, 64), dtype=np.float32), rng.standard_normal((500, 64), dtype=np.float32)
+    budget, k = 128 << 20, 20
+    plan = knn_plan(bank, test, k, max_memory=budget)
+    assert plan.path == "dense" and plan.query_chunk < 500
+    knn_topk(bank[:1000], test[:2], 2, max_memory=budget)  # first-call allocations (thread pools, kernels)
+    if not _reset_peak_rss():
+        pytest.skip("cannot reset the peak RSS counter here (/proc/self/clear_refs)")
+    before_kib = _peak_rss_kib()
+    sims, _ = knn_topk(bank, test, k, max_memory=budget)
+    grown = (_peak_rss_kib() - before_kib) * 1024
+    assert grown <= budget, f"peak RSS grew by {grown / 2**20:.1f} MiB, budget {budget / 2**20:.0f} MiB"
+    tr = torch.nn.functional.normalize(torch.from_numpy(bank), dim=1)
+    te = torch.nn.functional.normalize(torch.from_numpy(test[:5]), dim=1)
+    torch.testing.assert_close(sims[:5], (te @ tr.T).topk(k, dim=1).values, rtol=0, atol=1e-6)
+
+
+def test_the_knn_task_records_its_search_plan():
+    from types import SimpleNamespace
+
+    from prosmin_bench.settings import EvalSettings
+    from prosmin_bench.tasks import TaskContext, TaskSpec, build_task
+
+    xtr, ytr, xte, yte = clustered(400, 50, 8, 3, seed=14)
+    sets = {"train": SimpleNamespace(features=xtr, labels=ytr), "test": SimpleNamespace(features=xte, labels=yte)}
+    spec = TaskSpec(name="plan_knn", kind="knn", version=1, main_score="top1_k20", suite="mini",
+                    datasets={"train": "digits:train", "test": "digits:test"}, protocol={"ks": [20]})
+    for budget, path in [(1 << 30, "dense"), (60_000, "stream")]:
+        ctx = TaskContext(model=SimpleNamespace(spec=SimpleNamespace(feature_layer="cls")), seed=0,
+                          settings=EvalSettings(max_memory=budget), dataset_fn=lambda ref: None,
+                          feature_fn=lambda ref, layer, preprocess=None: sets[ref.split])
+        out = build_task(spec).run(ctx)
+        plan = knn_plan(xtr, xte, 20, max_memory=budget)
+        assert out.extras["search"] == {"path": path, "query_chunk": plan.query_chunk, "bank_chunk": plan.bank_chunk}
+        assert out.metrics["top1_k20"] == pytest.approx(
+            float((dense_knn_probs(xtr, ytr, xte, 20, 0.07, 3).argmax(1) == yte).mean()))
 
 
 def test_argument_errors():

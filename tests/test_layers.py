@@ -65,8 +65,8 @@ def test_the_runner_never_trains_a_missing_model(cards_dir, tmp_path):  # noqa: 
     from prosmin_bench import cards, config
 
     cards.add_card_dir(cards_dir)
-    (rec,) = evaluate(["prosmin_micro"], ["fault_knn"], options=RunOptions(
-        seeds=(0,), device="cpu", results_dir=tmp_path / "res"))
+    (rec,) = evaluate(["prosmin_micro"], ["fault_knn"], options=RunOptions(  # shipped=False: no checkpoint at all
+        seeds=(0,), device="cpu", results_dir=tmp_path / "res", shipped=False))
     assert isinstance(rec, ErrorRecord)
     assert "Make it with `prosmin-bench pretrain --recipe prosmin_micro`" in rec.message and "\n" not in rec.message
     assert isinstance(read_record(tmp_path / "res" / "prosmin_micro" / "fault_knn.json"), ErrorRecord)

@@ -118,7 +118,7 @@ def test_a_failing_pair_writes_an_error_record_and_the_rest_runs(tmp_path):
 def _no_pretrain():
     from prosmin_bench.runner import RunOptions
 
-    return RunOptions(pretrain_missing=False)
+    return RunOptions(pretrain_missing=False, shipped=False)  # no checkpoint at all: the package ships some
 
 
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """The augmented linear probe (kind ``linear_aug``, DINO's eval_linear.py): its train transform against torchvision's
 objects seeded identically, the one-pass multi-head training against a head trained alone, a 2-process gloo run
 (torchrun, as a user would) against one process, held-out selection blind to the test labels, card checks and a run
-end to end.
+end to end; the view memo (``tasks/view_memo.py``): the same numbers with it and without it (budget 0), and the
+backbone run only on the views no earlier pass computed, counted by wrapping its forward.
 
 This file is also the worker: ``python -m torch.distributed.run --nproc_per_node=2 tests/test_tasks_linear_aug.py
 OUT`` trains the heads on every rank and saves rank 0's to ``OUT``.
@@ -28,6 +29,7 @@ from prosmin_bench.errors import CardError
 from prosmin_bench.models import Preprocess
 from prosmin_bench.tasks.base import TaskContext, TaskSpec, build_task
 from prosmin_bench.tasks.linear_aug import LinearAugParams, SeededAugmented, item_seed, train_heads, train_transform
+from prosmin_bench.tasks.view_memo import ViewMemo
 
 REPO = Path(__file__).resolve().parents[1]
 N_SMALL = 100  # training images of the small runs (10 per class)
@@ -112,7 +114,7 @@ def test_heads_trained_together_equal_each_head_trained_alone(micro):
     assert not torch.allclose(together[0.05].weight, together[0.5].weight)  # each head has its own lr
 
 
-def _ctx(model, train, test, seed: int = 0) -> TaskContext:
+def _ctx(model, train, test, seed: int = 0, settings=None) -> TaskContext:
     """A task context on the given datasets, features computed directly (no cache) under the eval transform."""
     from prosmin_bench.settings import EvalSettings
 
@@ -125,7 +127,7 @@ def _ctx(model, train, test, seed: int = 0) -> TaskContext:
             feats = model.features(x, layer).numpy()
         return SimpleNamespace(features=feats, labels=np.asarray(ds.labels))
 
-    return TaskContext(model=model, seed=seed, settings=EvalSettings(), feature_fn=feature_fn,
+    return TaskContext(model=model, seed=seed, settings=settings or EvalSettings(), feature_fn=feature_fn,
                        dataset_fn=lambda ref: sets[ref.raw])
 
 
@@ -150,6 +152,91 @@ def test_the_lr_is_chosen_without_the_test_labels(micro):
     assert a.metrics["top1"] != b.metrics["top1"]  # the test labels do reach the test metrics
     assert set(a.metrics) == {"top1", "top5", "nll", "ece", "nll_ts", "ece_ts", "temperature", "val_top1", "lr"}
     assert a.samples.values.shape[-1] == len(test)
+
+
+# --- the view memo: later passes read the first pass's backbone features of the same views -----------------------
+
+
+def _counting(model, monkeypatch) -> list[int]:
+    """Wrap ``model.features`` (the instance's): the list gets the batch size of every forward."""
+    sizes: list[int] = []
+    forward = model.features
+
+    def features(x, layer):
+        sizes.append(len(x))
+        return forward(x, layer)
+
+    monkeypatch.setattr(model, "features", features)
+    return sizes
+
+
+# Two tiny lrs: whichever wins is an edge of the grid, so at least one extension pass over the fit part runs.
+MEMO_PROTOCOL = dict(epochs=2, batch_size=16, base_lrs=[1e-4, 2e-4], lr_bounds=[5e-5, 4e-4], crop_scale=[0.6, 1.0],
+                     standardise=True)
+
+
+def test_the_view_memo_changes_no_number_and_runs_the_backbone_only_on_new_views(micro, monkeypatch):
+    from prosmin_bench.settings import EvalSettings
+    from prosmin_bench.tasks.probes import stratified_holdout
+
+    train, test = _small_digits(), _small_digits(3)
+    epochs, n = MEMO_PROTOCOL["epochs"], len(train)
+    n_fit = len(stratified_holdout(np.asarray(train.labels), 0.1, 0)[0])
+    one_epoch = n_fit * micro.layer_dim("cls_last4") * 4 + n * 8  # float32 rows of the fit part + index map
+    task = build_task(_spec(**MEMO_PROTOCOL))
+    sizes = _counting(micro, monkeypatch)
+    outs, views = {}, {}
+    for budget in (0, one_epoch, 1 << 30):
+        sizes.clear()
+        outs[budget] = task.run(_ctx(micro, train, test, settings=EvalSettings(max_memory=budget)))
+        views[budget] = sum(sizes) - n - len(test)  # less the centre-crop features of train and test
+    off = outs[0]
+    n_ext = len(off.extras["selection"]["lr"]["grid"]) - 2
+    assert n_ext >= 1
+    for budget, out in outs.items():  # the same numbers, float for float
+        assert out.metrics == off.metrics, budget
+        assert out.extras["selection"] == off.extras["selection"]
+        assert out.extras["val_scores"] == off.extras["val_scores"]
+        np.testing.assert_array_equal(out.samples.values, off.samples.values)
+    # backbone views: the fit pass, the extension passes and the final pass over all of train, each `epochs` times
+    assert views[0] == epochs * (n_fit * (1 + n_ext) + n)
+    assert views[one_epoch] == epochs * n_fit + (epochs - 1) * n_fit * (n_ext + 1) + epochs * (n - n_fit)
+    assert views[1 << 30] == epochs * n  # every view once
+    assert [outs[b].extras["augmentation"]["feature_memo"]["epochs"] for b in outs] == [[], [0], [0, 1]]
+
+
+def test_a_torchrun_follower_keeps_its_view_memo_from_pass_to_pass_of_a_run(micro, monkeypatch):
+    from dataclasses import asdict
+
+    from prosmin_bench.settings import EvalSettings
+    from prosmin_bench.tasks import linear_aug
+
+    ds = _small_digits(3)
+    source = SimpleNamespace(model=micro, settings=EvalSettings(), dataset=lambda ref: ds)
+    params = asdict(LinearAugParams(**{**SMALL, "batch_size": 8}))
+
+    def message(n: int, token: str, last: bool):
+        return (linear_aug.SERVE_MESSAGE, {"train_ref": "digits:train", "indices": np.arange(n), "lrs": [0.1],
+                                           "num_classes": 10, "params": params, "seed": 0, "stats": None,
+                                           "memo": {"token": token, "last": last}})
+
+    sizes = _counting(micro, monkeypatch)
+    linear_aug.serve(source, message(10, "old", False))  # a run that ended early: its memo goes at the next run
+    linear_aug.serve(source, message(20, "run", False))
+    assert list(linear_aug._FOLLOWER_MEMO) == ["run"]
+    sizes.clear()
+    linear_aug.serve(source, message(30, "run", True))
+    assert sum(sizes) == 2 * 10  # 2 epochs of the 10 images the first pass of the run did not see
+    assert linear_aug._FOLLOWER_MEMO == {}  # dropped after the run's last pass
+
+
+def test_a_view_memo_serves_one_run_only():
+    memo = ViewMemo(1 << 20)
+    memo.bind((0, "cls_last4"))
+    with pytest.raises(ValueError, match="Expected the views of"):
+        memo.bind((1, "cls_last4"))
+    with pytest.raises(ValueError, match="budget"):
+        ViewMemo(-1)
 
 
 @pytest.mark.parametrize("field,value", [("crop_scale", [0.5, 1.5]), ("base_lrs", [0.1, -1.0]), ("hflip", "yes"),
@@ -226,6 +313,12 @@ def worker(out: Path) -> None:
     heads = train_heads(model, ds, np.arange(len(ds)), [0.1, 1.0], 10, LinearAugParams(**{**SMALL, "batch_size": 16}),
                         seed=2, device=torch.device("cpu"), stats=None)
     torch.save({lr: h.state_dict() for lr, h in heads.items()}, out / f"rank{distributed.rank()}.pt")
+    # with a view memo: a pass over 40 images, then one over all 50 reading the first pass's views of this rank
+    memo, p = ViewMemo(1 << 20), LinearAugParams(**{**SMALL, "batch_size": 16})
+    train_heads(model, ds, np.arange(40), [0.1], 10, p, seed=2, device=torch.device("cpu"), stats=None, memo=memo)
+    (head,) = train_heads(model, ds, np.arange(50), [0.1], 10, p, seed=2, device=torch.device("cpu"), stats=None,
+                          memo=memo, keep=False).values()
+    torch.save({"head": head.state_dict(), "reused": memo.reused}, out / f"memo{distributed.rank()}.pt")
     distributed.destroy()
 
 
@@ -249,6 +342,12 @@ def test_two_process_gloo_run_trains_the_heads_one_process_trains(tmp_path, micr
         for k, v in head.state_dict().items():
             assert torch.equal(ranks[0][lr][k], ranks[1][lr][k]), (lr, k)
             torch.testing.assert_close(ranks[0][lr][k], v, atol=1e-6, rtol=1e-5)
+    # each rank's memo holds its own shard's views: the second pass (2 epochs x 25 per rank) finds some, not all
+    memos = [torch.load(tmp_path / f"memo{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(0 < m["reused"] < 50 for m in memos), [m["reused"] for m in memos]
+    for k, v in single[0.1].state_dict().items():
+        assert torch.equal(memos[0]["head"][k], memos[1]["head"][k]), k
+        torch.testing.assert_close(memos[0]["head"][k], v, atol=1e-6, rtol=1e-5)
 
 
 if __name__ == "__main__":

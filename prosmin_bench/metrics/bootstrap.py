@@ -143,8 +143,8 @@ def _check(samples: Any, name: str) -> ScoreSamples:
 
 def _seed_statistics(s: ScoreSamples, draws: list[np.ndarray], b: int) -> np.ndarray:
     """The statistic of every seed of ``s`` [S] on the sample indices ``draws`` (replicate ``b``)."""
-    if s.kind == "mean":
-        return s.values[:, draws[0]].mean(axis=1)  # type: ignore[index]
+    if s.kind == "mean":  # add.reduce / n is what ndarray.mean computes, without its per-call overhead
+        return np.add.reduce(s.values[:, draws[0]], axis=1) / draws[0].shape[0]  # type: ignore[index]
     if s.kind == "auroc":
         return np.array([_auroc(s.id[j, draws[0]], s.ood[j, draws[1]])  # type: ignore[index]
                          for j in range(s.n_seeds)])
@@ -153,7 +153,7 @@ def _seed_statistics(s: ScoreSamples, draws: list[np.ndarray], b: int) -> np.nda
 
 def _over_seeds(stats: np.ndarray, rng: np.random.Generator) -> float:
     n = stats.shape[0]
-    return float(stats.mean() if n == 1 else stats[rng.integers(0, n, n)].mean())
+    return float(stats[0] if n == 1 else np.add.reduce(stats[rng.integers(0, n, n)]) / n)
 
 
 def _replicates(models: Sequence[ScoreSamples], n_boot: int, seed: int) -> np.ndarray:

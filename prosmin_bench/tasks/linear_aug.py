@@ -19,6 +19,10 @@ protocol, to measure what the shortcut costs. Protocol (facebookresearch/dino ``
   the suite's cached centre-crop features (``ctx.features``), so evaluation is sharded and gathered under
   torchrun as every extraction is.
 
+The views of the fit-part images are the same in every pass of a run (their seeds are), so later passes read the
+backbone's features of those views from the first pass (``tasks/view_memo.py``, within the run's ``max_memory``;
+``extras["augmentation"]["feature_memo"]``) instead of computing them again: the same batches and head updates.
+
 Where it differs from DINO (the ImageNet card's ``deviations``): DINO reports the best test (val) accuracy over
 epochs at an lr chosen by hand; here the lr is chosen on a stratified held-out ``val_fraction`` of train (never
 test) by the suite's rule (``tasks/selection.py``: the grid ``base_lrs`` extended past an edge up to
@@ -65,6 +69,7 @@ from .probes import classification_metrics, feature_stats, predict_logits, relia
     stratified_holdout
 from .scaling import temperature_metrics
 from .selection import Score, check_bounds, logits_score, select_on_grid
+from .view_memo import MarkedBatches, ViewMemo, collate_marked, view_features
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +135,10 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 class SeededAugmented(torch.utils.data.Dataset):
     """Items ``indices`` of an image dataset through ``transform``, each drawn from the global torch RNG seeded with
-    :func:`item_seed` (set :attr:`epoch` before each epoch); the caller's RNG state is left as it was."""
+    :func:`item_seed` (set :attr:`epoch` before each epoch); the caller's RNG state is left as it was.
+
+    Item ``i``: (view, label). Item ``(i, known)`` (``view_memo.MarkedBatches``): (view, label, index), the view
+    None when ``known`` (its features are memoised: nothing is loaded)."""
 
     def __init__(self, dataset: Any, indices: np.ndarray, transform: Any, seed: int) -> None:
         self.dataset = dataset.with_transform(None)
@@ -142,8 +150,13 @@ class SeededAugmented(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        index = int(self.indices[i])
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[Any, ...]:
+        if isinstance(key, tuple):
+            index = int(self.indices[key[0]])
+            if key[1]:
+                return None, int(self.dataset.labels[index]), index
+            return (*self[key[0]], index)
+        index = int(self.indices[key])
         image, label = self.dataset[index]
         gen = torch.default_generator  # what torchvision's transforms draw from (torch.manual_seed seeds it too)
         state = gen.get_state()  # torch.random.fork_rng would cost 0.5 ms an image (it also forks accelerators)
@@ -172,9 +185,12 @@ class Heads(nn.Module):
 
 def train_heads(model: BackboneFace, dataset: Any, indices: np.ndarray, lrs: list[float], num_classes: int,
                 p: LinearAugParams, *, seed: int, device: torch.device, stats: tuple[torch.Tensor, torch.Tensor] | None,
-                num_workers: int = 0, precision: str = "fp32", desc: str = "linear_aug") -> dict[float, nn.Linear]:
+                num_workers: int = 0, precision: str = "fp32", desc: str = "linear_aug", memo: ViewMemo | None = None,
+                keep: bool = True) -> dict[float, nn.Linear]:
     """A head per lr in ``lrs`` trained on images ``indices`` of ``dataset`` (DINO's loop, module docstring), on CPU
     and in eval mode; ``stats`` = (mean, std) [D] z-score the features and are folded into the returned heads.
+    ``memo``: the run's backbone features of earlier passes' views, read where they exist and, with ``keep``,
+    extended by this pass's (``tasks/view_memo.py``); the heads are the same without it.
 
     A collective under torchrun: every rank calls it with the same arguments and gets the same heads."""
     world = distributed.world_size()
@@ -182,8 +198,11 @@ def train_heads(model: BackboneFace, dataset: Any, indices: np.ndarray, lrs: lis
     # DINO's DistributedSampler (eval_linear.py line 92): shuffled per epoch from the seed, padded to equal shards
     sampler = distributed.distributed_sampler(items, seed=seed, shuffle=True, drop_last=False)
     per_rank = max(min(p.batch_size, len(items)) // world, 1)
-    loader = torch.utils.data.DataLoader(items, batch_size=per_rank, sampler=sampler, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    batches = MarkedBatches(sampler, per_rank, items.indices, memo)
+    loader = torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate_marked,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    if memo is not None:
+        memo.bind((seed, p.layer, precision, tuple(p.crop_scale), p.hflip, p.interpolation, id(model), len(dataset)))
     heads = Heads(model.layer_dim(p.layer), num_classes, len(lrs), seed).to(device)
     scale = per_rank * world / 256.0  # linear scaling rule on the global batch (DINO eval_linear.py line 105)
     opt = torch.optim.SGD([{"params": h.parameters(), "lr": lr * scale} for h, lr in zip(heads.heads, lrs)],
@@ -192,14 +211,18 @@ def train_heads(model: BackboneFace, dataset: Any, indices: np.ndarray, lrs: lis
     net = distributed.wrap_ddp(heads, device)
     mean, std = (None, None) if stats is None else (stats[0].to(device), stats[1].to(device))
     amp = PRECISIONS[precision]
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
+            return model.features(images.to(device, non_blocking=True), p.layer)
+
     progress = sys.stderr.isatty() and distributed.is_main()
     for epoch in tqdm(range(p.epochs), desc=desc, disable=not progress, leave=False):
         sampler.set_epoch(epoch)  # DINO line 124
-        items.epoch = epoch
-        for images, y in loader:
-            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
-                x = model.features(images.to(device, non_blocking=True), p.layer)
-            x = x.float()
+        items.epoch = batches.epoch = epoch
+        for images, y, index, known in loader:
+            x = view_features(forward, images, index, known, memo, epoch, keep=keep, capacity=len(sampler),
+                              n_index=len(dataset)).float()
             if mean is not None:
                 x = (x - mean) / std
             logits = net(x)  # [H, n, C]
@@ -222,15 +245,28 @@ def train_heads(model: BackboneFace, dataset: Any, indices: np.ndarray, lrs: lis
     return out
 
 
+#: A follower's view memo between the passes of one run: {rank 0's memo token: this process's memo}.
+_FOLLOWER_MEMO: dict[str, ViewMemo] = {}
+
+
 def serve(source: Any, message: Any) -> None:
     """A follower's part of one training pass rank 0 leads with ``(SERVE_MESSAGE, payload)`` (``source``: the
-    follower's feature source for the same model)."""
+    follower's feature source for the same model). The follower keeps its own view memo from pass to pass of a run
+    (payload ``memo``: rank 0's token, and whether this is the run's last pass, after which it is dropped)."""
     payload = message[1]
     p = LinearAugParams(**payload["params"])
-    train_heads(source.model, source.dataset(payload["train_ref"]), payload["indices"], payload["lrs"],
-                payload["num_classes"], p, seed=payload["seed"], device=source.settings.device,
-                stats=payload["stats"], num_workers=source.settings.num_workers,
-                precision=source.settings.precision)
+    token, last = payload["memo"]["token"], payload["memo"]["last"]
+    if token not in _FOLLOWER_MEMO:  # a new run: the previous run's memo (if it ended early) goes
+        _FOLLOWER_MEMO.clear()
+        _FOLLOWER_MEMO[token] = ViewMemo(source.settings.max_memory)
+    try:
+        train_heads(source.model, source.dataset(payload["train_ref"]), payload["indices"], payload["lrs"],
+                    payload["num_classes"], p, seed=payload["seed"], device=source.settings.device,
+                    stats=payload["stats"], num_workers=source.settings.num_workers,
+                    precision=source.settings.precision, memo=_FOLLOWER_MEMO[token], keep=not last)
+    finally:
+        if last:
+            _FOLLOWER_MEMO.clear()
 
 
 @register_kind("linear_aug")
@@ -249,18 +285,19 @@ class LinearAugTask(Task):
         return ["top1", "top5", "nll", "ece", "nll_ts", "ece_ts", "temperature", "val_top1", "lr"]
 
     def _pass(self, ctx: TaskContext, indices: np.ndarray, lrs: list[float], c: int, ref_features: Any,
-              what: str) -> dict[float, nn.Linear]:
+              what: str, memo: ViewMemo, last: bool = False) -> dict[float, nn.Linear]:
         p = self.params
         stats = feature_stats(np.asarray(ref_features[indices], dtype=np.float32)) if p.standardise else None
         if distributed.world_size() > 1:
             distributed.lead((SERVE_MESSAGE, {"train_ref": self.spec.refs["train"], "indices": indices, "lrs": lrs,
                                               "num_classes": c, "params": asdict(p), "seed": ctx.seed,
-                                              "stats": stats}))
+                                              "stats": stats, "memo": {"token": memo.token, "last": last}}))
         log.info("%s: training %d head(s) (lr %s) on %d %s images for %d epochs", self.spec.name, len(lrs),
                  ", ".join(f"{v:g}" for v in lrs), len(indices), what, p.epochs)
         return train_heads(ctx.model, ctx.dataset(self.spec.refs["train"]), indices, lrs, c, p, seed=ctx.seed,
                            device=ctx.device, stats=stats, num_workers=ctx.settings.num_workers,
-                           precision=ctx.settings.precision, desc=f"{ctx.model.spec.name} {self.spec.name} {what}")
+                           precision=ctx.settings.precision, desc=f"{ctx.model.spec.name} {self.spec.name} {what}",
+                           memo=memo, keep=not last)
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         p = self.params
@@ -275,13 +312,14 @@ class LinearAugTask(Task):
         c = int(max(y.max(), labels.max())) + 1
         fit_idx, val_idx = stratified_holdout(y, p.val_fraction, ctx.seed)
         x_val, y_val = np.asarray(ref.features[val_idx], dtype=np.float32), y[val_idx]
+        memo = ViewMemo(ctx.settings.max_memory)  # the fit-part views' features, for the later passes
         trained = self._pass(ctx, fit_idx, list(dict.fromkeys(float(v) for v in p.base_lrs)), c, ref.features,
-                             "fit-part")
+                             "fit-part", memo)
         best: dict[str, Any] = {"key": None}
 
         def evaluate(lr: float) -> Score:
             if lr not in trained:  # a grid extension point: one more pass, for it alone
-                trained.update(self._pass(ctx, fit_idx, [lr], c, ref.features, "fit-part"))
+                trained.update(self._pass(ctx, fit_idx, [lr], c, ref.features, "fit-part", memo))
             logits = predict_logits(trained[lr], x_val).astype(np.float64)
             score = logits_score(logits, y_val)
             if best["key"] is None or score.key > best["key"]:  # select_on_grid's rule: the first best wins
@@ -290,7 +328,8 @@ class LinearAugTask(Task):
 
         sel = select_on_grid(p.base_lrs, evaluate, p.lr_bounds)
         lr = sel.chosen
-        head = self._pass(ctx, np.arange(len(y)), [lr], c, ref.features, "train")[lr]
+        head = self._pass(ctx, np.arange(len(y)), [lr], c, ref.features, "train", memo, last=True)[lr]
+        memo.release()
         probs = softmax(predict_logits(head, test.features))
         metrics = classification_metrics(probs, labels, p.n_bins)
         metrics.update(val_top1=sel.scores[lr].top1, lr=lr)
@@ -306,7 +345,8 @@ class LinearAugTask(Task):
                              "eval_transform": [repr(op) for op in getattr(ctx.model.transform, "transforms", [])],
                              "crop_scale": [float(v) for v in p.crop_scale], "hflip": p.hflip,
                              "interpolation": p.interpolation, "per_image_seed": "(seed, epoch, index)",
-                             "n_train": int(len(y)), "n_fit": int(len(fit_idx)), "n_held_out": int(len(val_idx))},
+                             "n_train": int(len(y)), "n_fit": int(len(fit_idx)), "n_held_out": int(len(val_idx)),
+                             "feature_memo": memo.as_extras()},  # rank 0's under torchrun
             "reliability": reliability_extras(probs, labels, p.n_bins),
             "selection": {"lr": sel.as_extras()},
             "val_scores": sel.score_table(),

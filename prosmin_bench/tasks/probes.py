@@ -8,7 +8,8 @@ std, as MAE's probe does (facebookresearch/mae ``main_linprobe.py``: ``BatchNorm
 the head); the statistics are folded into the layer, so the head takes raw features wherever it is used. The micro
 models need it: their tokens share a large common component (unstandardised, the open-set head reached 40-73%).
 The lr is chosen on a stratified held-out part of the training split (never the test set) by ``tasks/selection.py``:
-the card's grid ``base_lrs``, extended log-spaced past an edge choice up to ``lr_bounds``. The head is then retrained
+the card's grid ``base_lrs`` (its heads trained in one batched call, each exactly as if alone:
+``tasks/probe_heads.py``), extended log-spaced past an edge choice up to ``lr_bounds``. The head is then retrained
 on the whole split at the chosen lr and cached by content (the train features' key and count, every param, the seed,
 the class count and the class subset), together with what the record needs (the chosen lr, the held-out top-1, every
 lr evaluated with its held-out scores, the temperature), so a cached head gives the same record as a fresh one.
@@ -33,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import config
 from ..atomic import atomic_path
@@ -49,6 +49,11 @@ from ..metrics import (
 )
 from ..paths import inside
 from .base import TASK_KINDS, TaskContext, TaskSpec, get_task_spec
+from .probe_heads import (  # noqa: F401  (feature_stats, train_linear_head: importable from here as before)
+    feature_stats,
+    train_linear_head,
+    train_linear_heads,
+)
 from .selection import Score, logits_score, select_on_grid
 
 log = logging.getLogger(__name__)
@@ -89,81 +94,6 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
         val.append(idx[:n_val])
         fit.append(idx[n_val:])
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
-
-
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=gen)
-    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def _rows(x: Any, idx: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
-    """Rows of a (possibly memory-mapped) feature matrix as float32 on ``device``; copies only the batch."""
-    if isinstance(x, torch.Tensor):
-        return x[idx].float().to(device)
-    idx = np.sort(np.asarray(idx))
-    return torch.from_numpy(np.asarray(x[idx], dtype=np.float32)).to(device)
-
-
-def train_linear_head(features: Any, labels: np.ndarray, num_classes: int, *, lr: float, epochs: int,
-                      batch_size: int, momentum: float, weight_decay: float, seed: int,
-                      device: torch.device | str = "cpu", standardise: bool = False) -> torch.nn.Linear:
-    """Train a linear head on features [N, D] -> logits [N, C] with SGD + cosine schedule; returns it on CPU.
-
-    ``standardise``: train on (x - m) / s with the rows' per-dimension mean m and std s [D], then fold them into the
-    returned layer, which therefore takes raw features."""
-    device = torch.device(device)
-    mean, std = feature_stats(features) if standardise else (None, None)
-    gen = torch.Generator().manual_seed(seed)
-    d = int(features.shape[1])
-    head = torch.nn.Linear(d, num_classes)
-    with torch.no_grad():  # DINO LinearClassifier init
-        head.weight.normal_(0.0, 0.01, generator=gen)
-        head.bias.zero_()
-    head = head.to(device)
-    y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    n = len(y_all)
-    bs = min(batch_size, n)
-    steps_per_epoch = (n + bs - 1) // bs
-    scaled = lr * bs / 256.0  # linear scaling rule (Goyal et al.), as DINO
-    opt = torch.optim.SGD(head.parameters(), lr=scaled, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps_per_epoch, 1), eta_min=0)
-    # Small banks live on the device whole; large ones are read batch by batch from the (memory-mapped) cache.
-    whole = n * d * 4 <= 512 * 2**20
-    x_dev = _rows(features, np.arange(n), device) if whole else None
-    y_dev = y_all.to(device)
-    for _ in range(epochs):
-        for idx in _batches(n, bs, gen):
-            xb = x_dev[idx.to(device)] if x_dev is not None else _rows(features, idx.numpy(), device)
-            if mean is not None:
-                xb = (xb - mean.to(device)) / std.to(device)
-            yb = y_dev[idx.to(device)] if x_dev is not None else y_all[np.sort(idx.numpy())].to(device)
-            loss = F.cross_entropy(head(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    head = head.cpu().eval()
-    if mean is not None:  # fold: W ((x - m) / s) + b = (W / s) x + (b - (W / s) m)
-        with torch.no_grad():
-            w = head.weight.double() / std.double()
-            head.bias.copy_((head.bias.double() - w @ mean.double()).float())
-            head.weight.copy_(w.float())
-    return head
-
-
-def feature_stats(x: Any, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std [D] of features [N, D] (memory-mapped too), in float64 chunks; std 1 if constant."""
-    n, d = int(x.shape[0]), int(x.shape[1])
-    total, total_sq = np.zeros(d), np.zeros(d)
-    for s in range(0, n, chunk):
-        part = np.asarray(x[s : s + chunk], dtype=np.float64)
-        total += part.sum(axis=0)
-        total_sq += (part * part).sum(axis=0)
-    mean = total / max(n, 1)
-    var = np.maximum(total_sq / max(n, 1) - mean * mean, 0.0)
-    std = np.sqrt(var)
-    std = np.where(std > 1e-6 * max(float(std.max(initial=0.0)), 1e-12), std, 1.0)  # constant dims map to 0
-    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 
 def predict_logits(head: torch.nn.Linear, features: Any, batch_size: int = 65536) -> np.ndarray:
@@ -271,11 +201,19 @@ def fit_linear_probe(ctx: TaskContext, train_ref: DatasetRef, params: LinearPara
     x_fit, x_val = np.asarray(x[fit_idx], dtype=np.float32), np.asarray(x[val_idx], dtype=np.float32)
     y_val = y[val_idx]
     best: dict[str, Any] = {"key": None, "logits": None}
+    train_kw: dict[str, Any] = dict(epochs=params.epochs, batch_size=params.batch_size, momentum=params.momentum,
+                                    weight_decay=params.weight_decay, seed=ctx.seed, device=ctx.device,
+                                    standardise=params.standardise)
+    grid = list(dict.fromkeys(float(v) for v in params.base_lrs))
+    trained: dict[float, torch.nn.Linear] = {}
 
     def evaluate(lr: float) -> Score:
-        head = train_linear_head(x_fit, y[fit_idx], c, lr=lr, epochs=params.epochs, batch_size=params.batch_size,
-                                 momentum=params.momentum, weight_decay=params.weight_decay, seed=ctx.seed,
-                                 device=ctx.device, standardise=params.standardise)
+        # First call (select_on_grid has checked the grid): the card's whole grid in one batched call, each head as
+        # if trained alone (tasks/probe_heads.py); the extension points past an edge are trained as they are asked.
+        if grid:
+            trained.update(zip(grid, train_linear_heads(x_fit, y[fit_idx], c, lrs=grid, **train_kw)))
+            grid.clear()
+        head = trained.pop(lr) if lr in trained else train_linear_head(x_fit, y[fit_idx], c, lr=lr, **train_kw)
         logits = predict_logits(head, x_val).astype(np.float64)
         score = logits_score(logits, y_val)
         log.debug("linear probe lr %g: held-out top1 %.4f nll %.4f", lr, score.top1, score.nll)
@@ -286,9 +224,7 @@ def fit_linear_probe(ctx: TaskContext, train_ref: DatasetRef, params: LinearPara
     sel = select_on_grid(params.base_lrs, evaluate, params.lr_bounds)
     lr = sel.chosen
     temperature = fit_temperature(best["logits"], y_val) if len(val_idx) else None
-    head = train_linear_head(x, y, c, lr=lr, epochs=params.epochs, batch_size=params.batch_size,
-                             momentum=params.momentum, weight_decay=params.weight_decay, seed=ctx.seed,
-                             device=ctx.device, standardise=params.standardise)
+    head = train_linear_head(x, y, c, lr=lr, **train_kw)
     val_top1 = sel.scores[lr].top1
     val_scores = sel.score_table()
     calib = best["head"] if len(val_idx) else None
