@@ -23,7 +23,6 @@ Remake them after pretraining each recipe into a home folder::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -53,14 +52,6 @@ def shipped_checkpoint(recipe: str) -> Path | None:
     return path if recipe in SHIPPED_RECIPES and path.is_file() else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def evaluated_networks(ckpt: dict[str, Any]) -> set[str]:
     """The networks of ``ckpt`` that the registered models made by its recipe evaluate."""
     from .zoo import catalogue
@@ -81,7 +72,9 @@ def cut(source: Path, dest: Path) -> dict[str, Any]:
     unused = [net for net in NETWORK_CHOICES if net not in evaluated_networks(ckpt)]
     for net in unused:
         ckpt[net] = {}  # pretrain_eval_network reads an empty target as "none"; an empty online is never asked for
-    ckpt["shipped"] = {"cut_from_sha256": _sha256(source), "removed": list(RESUME_ONLY) + unused,
+    from .weights import sha256_file  # here: weights.py imports this module
+
+    ckpt["shipped"] = {"cut_from_sha256": sha256_file(source), "removed": list(RESUME_ONLY) + unused,
                        "made_by": f"prosmin-bench pretrain --recipe {ckpt.get('recipe')}"}
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
