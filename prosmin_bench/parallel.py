@@ -93,10 +93,8 @@ def cached_records(mspec: ModelSpec, tspecs: Sequence[TaskSpec], opts: RunOption
 
     from .models import get_model
     from .paths import recipe_checkpoint_path, record_path
-    from .runner import _existing_ok, feature_source, run_settings
+    from .runner import feature_source, reusable_record
 
-    if opts.overwrite:
-        return None
     recipe = mspec.weights.recipe
     if recipe and not opts.shipped and opts.weights is None and not recipe_checkpoint_path(recipe).is_file():
         return None  # --no-shipped with no checkpoint made here: the worker pretrains it
@@ -107,9 +105,8 @@ def cached_records(mspec: ModelSpec, tspecs: Sequence[TaskSpec], opts: RunOption
     source = feature_source(model, opts, torch.device("cpu"))  # get_model's device; nothing is computed here
     records = []
     for tspec in tspecs:
-        rec = _existing_ok(record_path(opts.results_dir, mspec.name, tspec.name), tspec, opts.seeds,
-                           model.weights_sha256, model.network, model=mspec.name, settings=run_settings(opts),
-                           source=source, info=getattr(model, "record_info", None))
+        rec = reusable_record(record_path(opts.results_dir, mspec.name, tspec.name), tspec, mspec.name, model,
+                              source, opts)
         if rec is None:
             return None
         records.append(rec)
@@ -137,20 +134,19 @@ def evaluate(mspecs: Sequence[ModelSpec], tspecs: Sequence[TaskSpec], opts: RunO
     leaves an error record for each of its model's tasks that has no result, and the others go on."""
     from .runner import error_records
 
-    jobs = min(opts.jobs, len(mspecs))
-    level = logging.getLogger("prosmin_bench").getEffectiveLevel()
-    dirs = [str(d) for d in cards.user_card_dirs()]
-    tasks = [t.name for t in tspecs]
-    n_threads, source = threads.resolve_threads(opts.threads, jobs)
-    log.info("evaluating %d models on %d tasks in %d parallel jobs of %d intra-op thread(s) each (%s)", len(mspecs),
-             len(tasks), jobs, n_threads, source)
     results: dict[int, list[Record]] = {}
     order = job_order(mspecs)
     while order and (done := cached_records(mspecs[order[0]], tspecs, opts)) is not None:
         results[order.pop(0)] = done  # a re-run: no worker is started for models whose records are all current
     if not order:
         return [rec for i in range(len(mspecs)) for rec in results[i]]
-    jobs = min(jobs, len(order))
+    jobs = min(opts.jobs, len(order))
+    level = logging.getLogger("prosmin_bench").getEffectiveLevel()
+    dirs = [str(d) for d in cards.user_card_dirs()]
+    tasks = [t.name for t in tspecs]
+    n_threads, source = threads.resolve_threads(opts.threads, jobs)
+    log.info("evaluating %d models on %d tasks in %d parallel jobs of %d intra-op thread(s) each (%s)", len(order),
+             len(tasks), jobs, n_threads, source)
     pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=_init_worker, initargs=(level, dirs, opts.threads, jobs))
     try:

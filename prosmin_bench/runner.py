@@ -71,12 +71,8 @@ class RunOptions:
     num_workers: int = EvalSettings.num_workers
     max_memory: int = EvalSettings.max_memory  # bytes of working memory for k-NN similarity blocks
     pretrain_missing: bool = True  # train mini-scale recipe models whose checkpoint is missing (suite.ensure_weights)
-    # Use the micro checkpoints shipped in the package (models/shipped.py) when no checkpoint of the recipe was made
-    # here; False pretrains them here instead.
-    shipped: bool = True
-    # Models evaluated at once in worker processes (parallel.py); 1 = in this process. The CLI's default is one
-    # per usable core for CPU runs (parallel.default_jobs); the library's is 1, so a caller's process is not forked.
-    jobs: int = 1
+    shipped: bool = True  # a recipe model may use the package's checkpoint (models/shipped.py); False: pretrain here
+    jobs: int = 1  # models at once in worker processes (parallel.py); the CLI's default: parallel.default_jobs
     threads: int | None = None  # intra-op threads of each job (None: threads.apply's policy)
 
     def __post_init__(self) -> None:
@@ -159,6 +155,14 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, net
             log.info("%s: %s; recomputing it", path, changed)
             return None
     return rec
+
+
+def reusable_record(path: Path, spec: TaskSpec, name: str, model: Any, source: FeatureSource,
+                    opts: RunOptions) -> ResultRecord | None:
+    """The record at ``path`` when ``opts`` allow reuse and it answers this run of ``model`` (:func:`_existing_ok`)."""
+    return None if opts.overwrite else _existing_ok(path, spec, opts.seeds, model.weights_sha256, model.network,
+                                                    model=name, settings=run_settings(opts), source=source,
+                                                    info=getattr(model, "record_info", None))
 
 
 def record_lock_path(results_dir: str | Path, path: Path) -> Path:
@@ -263,7 +267,7 @@ def _error_record(model: str, spec: TaskSpec, exc: BaseException) -> ErrorRecord
 
 def error_records(model: str, tspecs: Sequence[TaskSpec], exc: BaseException, opts: RunOptions) -> list[Record]:
     """An ErrorRecord of ``exc`` for every task of a model that could not be loaded, written where no finished result
-    is: another run (another job on the same folder, or an earlier run with working weights) may have written one."""
+    is (another job on the same folder, or an earlier run with working weights, may have written one)."""
     records: list[Record] = []
     for tspec in tspecs:
         rec = _error_record(model, tspec, exc)
@@ -369,10 +373,7 @@ def evaluate(
             path = record_path(opts.results_dir, mspec.name, tspec.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             with _record_lock(opts.results_dir, path):
-                done = None if opts.overwrite else _existing_ok(path, tspec, opts.seeds, model.weights_sha256,
-                                                                model.network, model=mspec.name,
-                                                                settings=run_settings(opts), source=source,
-                                                                info=getattr(model, "record_info", None))
+                done = reusable_record(path, tspec, mspec.name, model, source, opts)
                 if done is not None:
                     log.info("%s / %s: up to date (%s = %.4f)", mspec.name, tspec.name, done.main_score, done.main_value)
                     records.append(done)

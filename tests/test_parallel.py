@@ -19,6 +19,12 @@ def test_jobs_give_the_serial_numbers(tmp_path, monkeypatch):
     models, tasks = ["random_micro", "pixels"], ["digits_knn"]
     monkeypatch.setenv("PROSMIN_BENCH_HOME", str(tmp_path / "home_parallel"))
     out = evaluate(models, tasks, options=RunOptions(seeds=(0,), jobs=2, results_dir=tmp_path / "parallel"))
+    # A re-run with every record current starts no worker: the records are checked in this process.
+    monkeypatch.setattr(parallel.cf, "ProcessPoolExecutor", lambda *a, **k: pytest.fail("started workers"))
+    again = evaluate(models, tasks, options=RunOptions(seeds=(0,), jobs=2, results_dir=tmp_path / "parallel"))
+    on_disk = _records(tmp_path / "parallel")
+    assert [r.to_dict() for r in again] == [on_disk[f"{m}/digits_knn"] for m in models]  # reused, not recomputed
+    monkeypatch.undo()
     monkeypatch.setenv("PROSMIN_BENCH_HOME", str(tmp_path / "home_serial"))  # nothing cached shared between the two
     evaluate(models, tasks, options=RunOptions(seeds=(0,), jobs=1, results_dir=tmp_path / "serial"))
     par, ser = _records(tmp_path / "parallel"), _records(tmp_path / "serial")
