@@ -1,5 +1,5 @@
-"""Benchmark: ``knn_predict`` (dense and streaming searches) against a plain dense k-NN and faiss, and on a 1.28M-row
-bank under a memory budget.
+"""Benchmark: ``knn_predict`` (dense and streaming searches, and the faiss backend) against a plain dense k-NN, and on
+a 1.28M-row bank under a memory budget.
 
 Each measurement runs in a fresh subprocess so its peak resident memory is its own (the peak RSS counter is reset
 after the inputs are loaded; the growth above that level is what the call itself allocated):
@@ -7,15 +7,17 @@ after the inputs are loaded; the growth above that level is what the call itself
 1. 50k x 384 float32 train bank in RAM, 1000 classes, in two settings: ``--k`` (20) with 10k queries, and issue 20's
    k = 200 with 2k queries. Side by side: the dense reference (the whole [N_test, 50k] similarity matrix, one top-k,
    one vote); ``knn_predict`` with the default 1 GiB budget (it picks the dense chunked search, which fits);
-   ``knn_predict`` forced to stream (the path for banks that do not fit); faiss-cpu's exact ``IndexFlatIP`` on
-   L2-normalised features, then ``knn_predict``'s vote (skipped with a message when faiss is not installed:
-   ``pip install -e '.[bench]'``). Prints seconds, peak RSS growth, similarities per second, the speed-up over the
-   streaming search, the largest probability difference from the dense reference and how many queries differ
-   (each must be an exact tie at the k-th neighbour, which two methods may break differently).
+   ``knn_predict`` forced to stream (the path for banks that do not fit); ``knn_predict`` with the faiss backend
+   (``--knn-backend faiss``: faiss-cpu's exact ``IndexFlatIP``, same budget and vote; skipped with a message when
+   faiss is not installed: ``pip install -e '.[faiss]'``). Prints seconds, peak RSS growth, similarities per
+   second, the speed-up over the streaming search, the largest probability difference from the dense reference and
+   how many queries differ (each must be an exact tie at the k-th neighbour, which two methods may break
+   differently).
 2. ``big``: a 1.28M x 384 float16 bank (ImageNet-train size at ViT-S width, 983 MB), generated chunk by chunk
    into a ``.npy`` memmap under ``--workdir`` (kept for later runs), and 10k queries; ``knn_predict`` with
-   ``--max-memory`` (default 256M, a quarter of the bank). Prints seconds, peak RSS growth against the budget,
-   similarities per second (compare with 1.) and the chunk plan. A dense run would need a 51 GB matrix.
+   ``--max-memory`` (default 256M, a quarter of the bank), with each backend. Prints seconds, peak RSS growth
+   against the budget, similarities per second (compare with 1.) and the chunk plan. A dense run would need a
+   51 GB matrix.
 
 Run: ``python benchmarks/bench_knn.py [--threads 1] [--k 20] [--max-memory 256M] [--repeats 3]
 [--workdir /tmp/prosmin-bench-knn] [--skip-big]``. Exits non-zero if a ``knn_predict`` peak exceeds its budget or a
@@ -46,7 +48,8 @@ TEMPERATURE = 0.07  # DINO eval_knn.py
 ISSUE_SETTING = (200, 2_000)  # issue 20's measurement: k = 200, 2k queries (7.4 s streaming vs 5.6 s dense there)
 #: part 1's methods, in print order: key -> label
 METHODS = {"dense": "dense reference (full matrix)", "auto": "knn_predict (default: {path})",
-           "stream": "knn_predict forced to stream", "faiss": "faiss IndexFlatIP + same vote"}
+           "stream": "knn_predict forced to stream", "faiss": "knn_predict, faiss backend ({path})"}
+BUDGETED = ("auto", "stream", "faiss")  # the methods that must keep their memory budget
 
 
 def _parse_memory(text: str) -> int:
@@ -103,25 +106,6 @@ def dense_reference(train, labels, test, k: int, temperature: float, num_classes
     return (votes / votes.sum(1, keepdim=True)).float()
 
 
-def faiss_knn(train, labels, test, k: int, temperature: float, num_classes: int, threads: int):
-    """faiss-cpu's exact inner-product search (``IndexFlatIP``) on L2-normalised copies of the features, then the
-    same weighted vote as ``knn_predict`` (``knn_vote``)."""
-    import faiss
-    import torch
-
-    from prosmin_bench.tasks.knn import knn_vote
-
-    faiss.omp_set_num_threads(threads)
-    xb = np.array(np.asarray(train), dtype=np.float32)  # copies: normalize_L2 works in place
-    xq = np.array(np.asarray(test), dtype=np.float32)
-    faiss.normalize_L2(xb)
-    faiss.normalize_L2(xq)
-    index = faiss.IndexFlatIP(xb.shape[1])
-    index.add(xb)
-    sims, idx = index.search(xq, k)
-    return knn_vote(torch.from_numpy(sims), torch.from_numpy(idx), labels, k, temperature, num_classes)
-
-
 def measure(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process: load inputs, warm up, reset the peak, run, report."""
     import torch
@@ -134,7 +118,8 @@ def measure(args: argparse.Namespace) -> dict:
     real_plan = knn_search.knn_plan
     knn_search.knn_plan = lambda *a, **kw: plans.append(real_plan(*a, **kw)) or plans[-1]
     wd = Path(args.workdir)
-    big = args.measure == "big"
+    big = args.measure.startswith("big")
+    backend = "faiss" if args.measure in ("faiss", "big_faiss") else "torch"
     n_train, dtype = (BIG_TRAIN, "float16") if big else (FITS_TRAIN, "float32")
     bank = np.load(wd / f"bank_{n_train}_{dtype}.npy", mmap_mode="r")
     labels = torch.from_numpy(np.load(wd / f"labels_{n_train}.npy"))
@@ -145,13 +130,10 @@ def measure(args: argparse.Namespace) -> dict:
     if args.measure == "dense":
         def run(b, y, q):
             return dense_reference(b, y, q, args.k, TEMPERATURE, N_CLASSES)
-    elif args.measure == "faiss":
-        def run(b, y, q):
-            return faiss_knn(b, y, q, args.k, TEMPERATURE, N_CLASSES, args.threads)
     else:
         def run(b, y, q):
             return knn_predict(b, y, q, k=args.k, temperature=TEMPERATURE, num_classes=N_CLASSES, max_memory=budget,
-                               path="stream" if args.measure == "stream" else None)
+                               path="stream" if args.measure == "stream" else None, backend=backend)
     # warm-up on a sliver: thread pools and kernels are set up outside the measurement
     run(bank[:4096], labels[:4096], queries[:64])
     plans.clear()
@@ -212,11 +194,11 @@ def compare(args: argparse.Namespace, k: int, n_queries: int, methods: list[str]
         p = np.load(wd / f"probs_{m}_k{k}_q{n_queries}.npy")
         differing = np.unique(np.nonzero(np.abs(p - p_dense) > 1e-5)[0])
         untied = _rows_without_boundary_tie(wd, differing, k)
-        ok &= not untied and (m not in ("auto", "stream") or r["peak_bytes"] <= r["budget"])
+        ok &= not untied and (m not in BUDGETED or r["peak_bytes"] <= r["budget"])
         print(f"{label:<40}{r['seconds']:>9.2f}{r['peak_bytes'] / mib:>14.1f}{n_sims / r['seconds'] / 1e6:>9.1f}"
               f"{stream_s / r['seconds']:>10.2f}x{float(np.abs(p - p_dense).max()):>10.1e}"
               f"{f'{len(differing)} ({len(differing) - len(untied)})':>14}")
-    for m in ("auto", "stream"):
+    for m in (m for m in BUDGETED if m in best):
         plan = best[m]["plan"]
         print(f"  {m} plan: {plan['path']} path, {plan['query_chunk']} queries x {plan['bank_chunk']} bank rows per "
               f"block, {plan['bytes'] / mib:.0f} MiB planned of {best[m]['budget'] / mib:.0f} MiB")
@@ -249,7 +231,7 @@ def main() -> None:
     methods = list(METHODS)
     if importlib.util.find_spec("faiss") is None:
         methods.remove("faiss")
-        print("faiss-cpu is not installed: its rows are skipped (pip install -e '.[bench]' or pip install faiss-cpu)")
+        print("faiss is not installed: its rows are skipped (pip install -e '.[faiss]' or pip install faiss-cpu)")
     ok = True
     first = None
     for k, n_queries in dict.fromkeys([(args.k, N_QUERIES), ISSUE_SETTING]):
@@ -261,19 +243,22 @@ def main() -> None:
         t = time.perf_counter()
         generate(args.workdir, BIG_TRAIN, "float16", seed=1)
         gen_seconds = time.perf_counter() - t
-        big = _run("big", args, args.k, N_QUERIES)
         size = BIG_TRAIN * DIM * 2
-        q, b = big["plan"]["query_chunk"], big["plan"]["bank_chunk"]
-        rate = BIG_TRAIN * N_QUERIES / big["seconds"]
         print(f"\n2. {BIG_TRAIN} x {DIM} float16 bank as a .npy memmap ({size / mib:.0f} MiB on disk), k = {args.k}, "
               f"{N_QUERIES} queries (bank ready in {gen_seconds:.0f} s)")
-        print(f"knn_predict, --max-memory {big['budget'] / mib:.0f} MiB: {big['seconds']:.1f} s, peak RSS growth "
-              f"{big['peak_bytes'] / mib:.1f} MiB ({100 * big['peak_bytes'] / big['budget']:.0f}% of the budget), "
-              f"{rate / 1e6:.1f} Msims/s ({rate / (n_sims / best['stream']['seconds']):.2f}x the 50k streaming "
-              f"rate, {rate / (n_sims / best['auto']['seconds']):.2f}x the 50k knn_predict rate)")
-        print(f"plan: {big['plan']['path']} path, {q} queries x {b} bank rows per block, {-(-N_QUERIES // q)} pass(es) "
-              f"over the bank; dense would need a {N_QUERIES * BIG_TRAIN * 4 / 2**30:.0f} GiB similarity matrix")
-        ok &= big["peak_bytes"] <= big["budget"]
+        for what, m in [("big", "auto")] + [("big_faiss", "faiss")] * ("faiss" in methods):
+            big = _run(what, args, args.k, N_QUERIES)
+            q, b = big["plan"]["query_chunk"], big["plan"]["bank_chunk"]
+            rate = BIG_TRAIN * N_QUERIES / big["seconds"]
+            print(f"{METHODS[m].format(path=big['plan']['path'])}, --max-memory {big['budget'] / mib:.0f} MiB: "
+                  f"{big['seconds']:.1f} s, peak RSS growth {big['peak_bytes'] / mib:.1f} MiB "
+                  f"({100 * big['peak_bytes'] / big['budget']:.0f}% of the budget), {rate / 1e6:.1f} Msims/s "
+                  f"({rate / (n_sims / best['stream']['seconds']):.2f}x the 50k streaming rate, "
+                  f"{rate / (n_sims / best[m]['seconds']):.2f}x its own 50k rate)")
+            print(f"  plan: {big['plan']['path']} path, {q} queries x {b} bank rows per block, "
+                  f"{-(-N_QUERIES // q)} query block(s), {-(-BIG_TRAIN // b)} bank chunk(s)")
+            ok &= big["peak_bytes"] <= big["budget"]
+        print(f"  dense would need a {N_QUERIES * BIG_TRAIN * 4 / 2**30:.0f} GiB similarity matrix")
     if not ok:
         raise SystemExit("FAILED: a knn_predict peak exceeded its budget, or a method disagrees with the dense "
                          "reference")

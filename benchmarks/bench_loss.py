@@ -1,6 +1,6 @@
 """Benchmark: ProSMin's vectorised energy score vs per-pair Python loops (forward + backward).
 
-Shapes (DESIGN.md "pretrain.losses"): r = 4 samples, 18 online views (2 global + 16 local), 2 target views,
+Shapes (docs/protocols.md "ProSMin (the method)"): r = 4 samples, 18 online views (2 global + 16 local), 2 target views,
 N = 64 images per process, D = 4096 outputs. Three formulations of the same loss, timed side by side:
 
 - ``vectorised``: ``multiview_energy_score`` (batched ``cdist``; the sample-sample term once per view);
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from prosmin_bench.pretrain.losses import energy_score, multiview_energy_score
 
-LAM = 1.0 / 2.2  # released lam_code = 2.4 (PROTOCOLS.md)
+LAM = 1.0 / 2.2  # released lam_code = 2.4 (docs/protocols.md)
 
 
 def vectorised(mu: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

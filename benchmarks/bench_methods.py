@@ -17,7 +17,7 @@ the recipe's autocast precision, backward, per-parameter gradient clipping, Adam
 
 For comparison, the ProSMin paper's Table 7 (ViT-S/16, 300 ImageNet epochs) reports ProSMin 98.0 h on 8 GPUs
 (784 GPU-hours) and 21.1 GB, against DINO 72.6 h on 16 GPUs (1162 GPU-hours) and 15.4 GB, and iBOT 73.8 h on
-16 GPUs (1181 GPU-hours) and 19.5 GB (``PROTOCOLS.md``).
+16 GPUs (1181 GPU-hours) and 19.5 GB (``docs/protocols.md``, paper Table 7).
 
 Run: ``python benchmarks/bench_methods.py [--scale micro|imagenet] [--device cpu|cuda] [--threads 2]
 [--steps 10] [--warmup 2] [--batch-size N] [--set key=value ...]``. ``--set`` overrides a recipe field in every

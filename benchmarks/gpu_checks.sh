@@ -10,7 +10,8 @@
 #    with DataLoader workers) for a few steps on a generated ImageNet-layout folder (1000 classes x 1 image) under
 #    torchrun/NCCL, and its checkpoint loaded strictly as the registry's prosmin_vits16;
 # 4. bench_methods.py at the ViT-S/16 recipes: step time and peak GPU memory of ProSMin, DINO, iBOT, MoCo-v3
-#    (the paper's Table 7), and bench_loss.py on the GPU.
+#    (the paper's Table 7), and bench_loss.py on the GPU;
+# 5. bench_protocols.py --scale imagenet --device cuda: each ImageNet task's stage after extraction on the GPU.
 # Runs from a checkout without installing (PYTHONPATH); a step that fails is reported and the others still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +67,8 @@ print('prosmin_vits16 features', tuple(f.shape), f.device, 'mu', tuple(mu.shape)
 
 check bench_methods_vits16 $py benchmarks/bench_methods.py --scale imagenet --device cuda --steps 10 --warmup 3
 check bench_loss $py benchmarks/bench_loss.py --device cuda
+# The README's GPU column of the ImageNet protocol stages (issue 21): the torch low-shot solver and faiss on the GPU
+check bench_protocols_cuda $py benchmarks/bench_protocols.py --scale imagenet --device cuda --json "$out/bench_protocols.json"
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]}"

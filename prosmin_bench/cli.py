@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from . import cards
 from .cli_args import build_parser, parse_memory
@@ -46,13 +47,14 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from . import config, distributed, leaderboard, parallel, suite, threads
+    from . import config, distributed, launcher, leaderboard, parallel, suite, threads
     from .features import default_num_workers
     from .runner import RunOptions
 
     chosen = suite.select(a.model, a.task, a.suite)  # which models, tasks and default seeds
-    jobs = min(a.jobs, len(chosen.models)) if a.jobs is not None else parallel.default_jobs(len(chosen.models),
-                                                                                            a.device)
+    launch = launcher.from_args(a)  # None: in this process; refuses launcher flags without --launcher
+    jobs = 1 if launch else min(a.jobs, len(chosen.models)) if a.jobs is not None else parallel.default_jobs(
+        len(chosen.models), a.device)
     threads.apply(a.threads, jobs=jobs)  # this process's share; each --jobs worker applies its own
     # Loader workers only pay off for files on disk (ImageNet scale); the mini data lives in memory.
     workers = a.num_workers if a.num_workers is not None else (default_num_workers() if a.data_root else 0)
@@ -62,11 +64,18 @@ def cmd_run(a: argparse.Namespace) -> int:
         overwrite=a.overwrite, precision=a.precision, feature_dtype=a.feature_dtype, data_hash=a.data_hash,
         batch_size=a.batch_size, num_workers=workers,
         max_memory=a.max_memory if isinstance(a.max_memory, int) else parse_memory(a.max_memory),
+        knn_backend=a.knn_backend,
         pretrain_missing=not a.no_pretrain, shipped=not a.no_shipped, jobs=jobs, threads=a.threads,
     )
     if a.leaderboard is not None:  # a page that cannot be written must not wait until after all the work
         leaderboard.check_destination(a.leaderboard, "--leaderboard")
-    records = suite.evaluate(chosen.models, chosen.tasks, options=opts)  # pretrains missing micro models first
+    if launch is not None:  # submitit jobs, one per (model, task); missing micro models are pretrained first
+        records = launcher.evaluate(chosen, opts, launch)
+        if isinstance(records, launcher.Submitted):  # SLURM without --wait: the job ids and the log folder
+            sys.stdout.write(records.describe())
+            return 0
+    else:
+        records = suite.evaluate(chosen.models, chosen.tasks, options=opts)  # pretrains missing micro models first
     if not distributed.is_main():  # under torchrun only rank 0 reports
         distributed.destroy()
         return 0
@@ -158,6 +167,9 @@ def cmd_leaderboard(a: argparse.Namespace) -> int:
     results = a.results or config.default_results_dir()
     if a.out is not None:
         leaderboard.check_destination(a.out)
+    if not Path(results).is_dir():
+        raise ProsminBenchError(f"No results folder {str(results)!r}: run `prosmin-bench run` first, or pass "
+                                "--results DIR with the folder your runs wrote to")
     if a.out is None:
         sys.stdout.write(leaderboard.render(results, suite=a.suite))
     elif a.out.suffix.lower() == ".md":
@@ -221,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
-    if a.command is None:  # `prosmin-bench` alone = the mini suite
-        a = parser.parse_args([*argv, "run"])
+    if a.command is None:  # `prosmin-bench` alone: the help, not a run (a run pretrains and evaluates for minutes)
+        parser.print_help()
+        return 0
     _setup_logging(a.debug, a.quiet)
     # Only the main thread may set handlers (main() called from a worker thread keeps the process's own).
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is \

@@ -224,10 +224,12 @@ def render_check(needs: list[Need], data_root: Path | None) -> str:
 
 
 def check(a: Any) -> int:
-    """CLI: ``prosmin-bench data check [--data-root DIR]``. Always exits 0 (it reports; it does not judge)."""
+    """CLI: ``prosmin-bench data check [--data-root DIR] [--task NAME ...]``. Exits 1 when a checked task misses
+    data (scripts can gate a run on it), 0 when every one has its data."""
     data_root = config.data_root(a.data_root)
-    sys.stdout.write(render_check(check_data(data_root), data_root))
-    return 0
+    needs = check_data(data_root, list(a.task) or None)
+    sys.stdout.write(render_check(needs, data_root))
+    return 0 if all(n.ok for n in needs) else 1
 
 
 def make_imagenet_c(a: Any) -> int:

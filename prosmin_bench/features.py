@@ -168,7 +168,10 @@ def array_batches(dataset: Any, transform: Any, batch_size: int,
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            x = torch.from_numpy(dataset.images[idx]).permute(0, 3, 1, 2).to(torch.float32).div(255)
+            # Contiguous NCHW as torchvision's per-image ToTensor gives: a channels-last view takes other conv
+            # kernels, whose fp16 rounding differs (bits differed on an AMD EPYC CPU; fp32 and bf16 did not).
+            x = torch.from_numpy(dataset.images[idx]).permute(0, 3, 1, 2).to(torch.float32,
+                                                                        memory_format=torch.contiguous_format).div(255)
             yield x.sub(mean).div(std), torch.from_numpy(dataset.labels[idx])
 
     return batches()

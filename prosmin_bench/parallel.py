@@ -22,7 +22,7 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -85,10 +85,11 @@ def generated_refs(tspecs: Sequence[TaskSpec]) -> list[str]:
     return refs
 
 
-def cached_records(mspec: ModelSpec, tspecs: Sequence[TaskSpec], opts: RunOptions) -> list[Record] | None:
-    """The records of ``mspec`` on every task when each is up to date (the runner's reuse rule: weights, task
-    version, seeds, settings, protocol, data fingerprints), else None; checked in this process, so a run with
-    nothing to compute starts no worker. A model whose weights are not there yet (to be pretrained) has work."""
+def current_records(mspec: ModelSpec, tspecs: Sequence[TaskSpec], opts: RunOptions) -> Iterator[Record | None]:
+    """For each task in order, the record of ``mspec`` when it is up to date (the runner's reuse rule: weights,
+    task version, seeds, settings, protocol, data fingerprints), else None; checked in this process (the model is
+    loaded on the CPU before the first). A model whose weights are not there yet (to be pretrained) or cannot be
+    loaded here has work on every task. Lazy: a caller may stop at the first None (used by ``launcher.py`` too)."""
     import torch
 
     from .models import get_model
@@ -97,16 +98,24 @@ def cached_records(mspec: ModelSpec, tspecs: Sequence[TaskSpec], opts: RunOption
 
     recipe = mspec.weights.recipe
     if recipe and not opts.shipped and opts.weights is None and not recipe_checkpoint_path(recipe).is_file():
-        return None  # --no-shipped with no checkpoint made here: the worker pretrains it
+        yield from [None] * len(tspecs)  # --no-shipped with no checkpoint made here: the worker pretrains it
+        return
     try:
         model = get_model(mspec, weights=opts.weights, weights_dir=opts.weights_dir, shipped=opts.shipped)
     except (ProsminBenchError, OSError):
-        return None  # the worker meets the same problem and records it
+        yield from [None] * len(tspecs)  # the worker meets the same problem and records it
+        return
     source = feature_source(model, opts, torch.device("cpu"))  # get_model's device; nothing is computed here
-    records = []
     for tspec in tspecs:
-        rec = reusable_record(record_path(opts.results_dir, mspec.name, tspec.name), tspec, mspec.name, model,
+        yield reusable_record(record_path(opts.results_dir, mspec.name, tspec.name), tspec, mspec.name, model,
                               source, opts)
+
+
+def cached_records(mspec: ModelSpec, tspecs: Sequence[TaskSpec], opts: RunOptions) -> list[Record] | None:
+    """The records of ``mspec`` on every task when each is up to date (:func:`current_records`), else None;
+    checked in this process, so a run with nothing to compute starts no worker."""
+    records = []
+    for rec in current_records(mspec, tspecs, opts):
         if rec is None:
             return None
         records.append(rec)
@@ -117,8 +126,10 @@ def cached_records(mspec: ModelSpec, tspecs: Sequence[TaskSpec], opts: RunOption
 def job_order(mspecs: Sequence[ModelSpec]) -> list[int]:
     """The order models are handed to workers: as given, except that a variant (``prosmin_target_micro``) comes
     right after the model whose checkpoint it reads (never before it: its worker would wait on the other's
-    pretraining lock while work is left; never last of all: the other workers would idle while it runs alone)."""
-    order = [i for i in range(len(mspecs)) if mspecs[i].variant_of is None]
+    pretraining lock while work is left; never last of all: the other workers would idle while it runs alone), and
+    the non-learned references (``pixels``: no network, a quarter of a ViT's time or less) come last, so that the
+    short jobs fill the end of the run instead of one long job running alone while the other workers idle."""
+    order = sorted((i for i in range(len(mspecs)) if mspecs[i].variant_of is None), key=lambda i: mspecs[i].reference)
     for i in range(len(mspecs)):
         base = mspecs[i].variant_of
         if base is not None:

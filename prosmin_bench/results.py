@@ -29,7 +29,9 @@ from .registry import NAME_RULE, is_safe_name, model_folder_name
 #: before these were recorded were made with: a record lacking a setting counts as made with its default here.
 #: Not among them: the batch size, workers and k-NN memory (they split the same computation differently; the
 #: feature cache ignores them too), the data-hash mode (how data identity is checked, not the data) and the device.
-RUN_CONFIG_DEFAULTS: dict[str, str] = {"precision": "fp32", "feature_dtype": "float32"}
+#: ``knn_backend`` is among them although both backends find the same neighbours up to float rounding (and the order
+#: of exact ties): a record says which search made it, and a record of the other backend is recomputed, not reused.
+RUN_CONFIG_DEFAULTS: dict[str, str] = {"precision": "fp32", "feature_dtype": "float32", "knn_backend": "torch"}
 
 
 def utc_now() -> str:
@@ -100,7 +102,7 @@ class ResultRecord(_JSONRecord):
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
     protocol: dict[str, Any] = field(default_factory=dict)
-    run_config: dict[str, Any] = field(default_factory=dict)  # RUN_CONFIG_DEFAULTS keys: precision, feature_dtype
+    run_config: dict[str, Any] = field(default_factory=dict)  # RUN_CONFIG_DEFAULTS keys: precision, ..., knn_backend
     datasets: dict[str, Any] = field(default_factory=dict)
     # The identity of every dataset the task read: {"hash": "stat" | "content", "sets": {dataset key: {"ref": the
     # card's reference, "fingerprint": ...}}}; a record is reused only while each still has its fingerprint.

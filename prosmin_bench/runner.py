@@ -38,7 +38,7 @@ from .results import (
     RUN_CONFIG_DEFAULTS, ErrorRecord, Record, ResultRecord, git_commit, read_record, utc_now, versions, write_record,
     CorruptRecord, as_json,
 )
-from .settings import PRECISIONS, STORE_DTYPES, EvalSettings
+from .settings import CHOICES, EvalSettings, check_choices
 from .tasks import TaskSpec, build_task, get_task_spec, linear_aug
 from .parallel import check_jobs
 from .threads import resolve_threads
@@ -70,6 +70,7 @@ class RunOptions:
     batch_size: int = EvalSettings.batch_size
     num_workers: int = EvalSettings.num_workers
     max_memory: int = EvalSettings.max_memory  # bytes of working memory for k-NN similarity blocks
+    knn_backend: str = EvalSettings.knn_backend  # exact k-NN search: torch | faiss
     pretrain_missing: bool = True  # train mini-scale recipe models whose checkpoint is missing (suite.ensure_weights)
     shipped: bool = True  # a recipe model may use the package's checkpoint (models/shipped.py); False: pretrain here
     jobs: int = 1  # models at once in worker processes (parallel.py); the CLI's default: parallel.default_jobs
@@ -82,17 +83,14 @@ class RunOptions:
         """Refuse settings that would give wrong numbers (a repeated seed counted twice) or fail mid-run."""
         self.seeds = check_seeds(self.seeds)
         resolve_threads(self.threads, check_jobs(self.jobs))  # ThreadConfigError for a count that is not positive
-        for name, allowed in (("precision", PRECISIONS), ("feature_dtype", STORE_DTYPES), ("data_hash", DATA_HASHES)):
-            if getattr(self, name) not in allowed:
-                raise ProsminBenchError(f"Expected `{name}` to be one of {list(allowed)}, but got "
-                                        f"{getattr(self, name)!r}")
+        check_choices(self, {**CHOICES, "data_hash": DATA_HASHES})  # and that faiss is there for --knn-backend faiss
 
 
 def eval_settings(opts: RunOptions, device: torch.device) -> EvalSettings:
     """What tasks may read of ``opts`` (``TaskContext.settings``), with the device the run resolved."""
     return EvalSettings(device=device, data_root=opts.data_root, batch_size=opts.batch_size,
                         num_workers=opts.num_workers, max_memory=opts.max_memory, precision=opts.precision,
-                        feature_dtype=opts.feature_dtype)
+                        feature_dtype=opts.feature_dtype, knn_backend=opts.knn_backend)
 
 
 def feature_source(model: Any, opts: RunOptions, device: torch.device) -> FeatureSource:
@@ -131,7 +129,7 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, net
         return None
     if rec.task_version != spec.version or rec.weights_sha256 != sha:
         return None
-    # Records from before run_config was recorded count as made with the defaults (fp32, float32 features).
+    # Records from before run_config was recorded count as made with the defaults (fp32, float32 features, torch).
     then = {name: rec.settings.get(name) for name in settings}
     if then != settings:
         log.info("%s was computed with %s; recomputing with %s", path, then, settings)
@@ -145,8 +143,10 @@ def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, net
         return None
     if any((rec.model_info or {}).get(k) != v for k, v in (info or {}).items()):  # a user module's preprocessing
         return None
-    protocol = as_json(dict(vars(build_task(spec).params)))
-    if as_json(rec.protocol) != protocol:  # a user card edited without a version bump
+    params = build_task(spec).params
+    protocol = as_json(dict(vars(params)))
+    # A protocol field added later counts, in a record without it, as the value records were made with before.
+    if as_json({**getattr(params, "ADDED_FIELDS", {}), **rec.protocol}) != protocol:  # a card edited, no version bump
         log.info("%s was computed with protocol %s; recomputing with %s", path, rec.protocol, protocol)
         return None
     if source is not None:

@@ -49,9 +49,12 @@ def test_check_reports_present_partial_missing_and_sources(val_root, capsys):
     assert _by(needs, "transfer_inat18", "train").probe.status == MISSING
     assert _by(needs, "imagenet_lowshot_1pct", "subset_file").ok
     assert all(n.ok for n in needs if n.task.startswith(("digits_", "transfer_lfw")))  # mini data: always there
-    assert main(["data", "check", "--data-root", str(val_root)]) == 0
+    assert main(["data", "check", "--data-root", str(val_root)]) == 1  # something is missing: scripts can tell
     out = capsys.readouterr().out
     assert "zenodo.org/record/2235448" in out and "MISSING" in out and "transfer_inat18" in out
+    assert main(["data", "check", "--data-root", str(val_root), "--task", "digits_knn", "--task", "transfer_lfw"]) == 0
+    out = capsys.readouterr().out
+    assert "2 task(s) have their data; 0 miss some" in out and "imagenet" not in out
 
 
 def _expected(src: str, corruption: str, severity: int, seed: int) -> np.ndarray:

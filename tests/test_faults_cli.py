@@ -398,3 +398,10 @@ def test_a_bad_number_is_a_usage_error(tmp_path, capsys, no_forward, argv, text)
     assert lines[0].startswith("usage: prosmin-bench") and "Traceback" not in err
     assert lines[-1].startswith(f"prosmin-bench {argv[0]}") and f": error: {text}" in lines[-1], err
     assert files_under(tmp_path) == before and no_forward == []
+
+
+def test_a_missing_results_folder_is_an_error_for_the_leaderboard(tmp_path, capsys):
+    """Issue 22: scripts can trust the exit status; a typo in --results is not an empty leaderboard."""
+    code, out, err = cli(capsys, "leaderboard", "--results", str(tmp_path / "nope"))
+    assert_one_line_error(code, err, f"No results folder {str(tmp_path / 'nope')!r}: run `prosmin-bench run` first")
+    assert out == "" and not (tmp_path / "nope").exists()

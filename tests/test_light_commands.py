@@ -178,3 +178,65 @@ def test_a_custom_kind_still_checks_main_score(tmp_path: Path, custom_kind) -> N
 def test_a_duplicate_custom_kind_is_an_error(custom_kind) -> None:
     with pytest.raises(DuplicateNameError, match="echo_test"):
         register_kind("echo_test")(type("Other", (Task,), {}))
+
+
+def test_bare_command_prints_help_and_version_is_light(tmp_path):
+    """Issue 22: `prosmin-bench` alone prints the help (it used to start the whole suite) and `--version` says the
+    installed version; neither imports torch or writes anything."""
+    from importlib import metadata
+
+    out = _fresh("""
+        import sys
+        from prosmin_bench.cli import main
+        code = main([])
+        print("EXIT", code, "torch" in sys.modules)
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: prosmin-bench") and "EXIT 0 False" in out.stdout
+    ver = subprocess.run([sys.executable, "-m", "prosmin_bench", "--version"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert ver.returncode == 0 and ver.stdout.strip() == f"prosmin-bench {metadata.version('prosmin-bench')}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_and_task_take_comma_lists(capsys):
+    """Issue 22: `--model a,b` as `mteb run -m` / `lm_eval --tasks`; repeated flags still add up."""
+    from prosmin_bench.cli_args import build_parser
+
+    a = build_parser().parse_args(["run", "--model", "dino_micro,ibot_micro", "--model", "pixels",
+                                   "--task", "digits_knn, digits_linear"])
+    assert a.model == ["dino_micro", "ibot_micro", "pixels"] and a.task == ["digits_knn", "digits_linear"]
+    assert build_parser().parse_args(["data", "check", "--task", "digits_c,digits_o"]).task == ["digits_c", "digits_o"]
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["run", "--model", ","])
+    assert exc.value.code == 2 and "comma-separated list of names, but got ','" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, quiet, debug", [
+    (["run", "-q"], True, False), (["-q", "run"], True, False), (["run"], False, False),
+    (["leaderboard", "--debug"], False, True), (["--debug", "leaderboard"], False, True),
+    (["data", "check", "--quiet"], True, False)])
+def test_quiet_and_debug_are_accepted_after_the_subcommand_too(argv, quiet, debug):
+    from prosmin_bench.cli_args import build_parser
+
+    a = build_parser().parse_args(argv)
+    assert (a.quiet, a.debug) == (quiet, debug)
+
+
+def test_every_option_of_every_command_has_help():
+    """Issue 22: `--help` of every subcommand explains each option (pretrain, leaderboard and make-imagenet-c had
+    none)."""
+    import argparse
+
+    from prosmin_bench.cli_args import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, (*path, name))
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                yield path, action
+
+    missing = [(" ".join(p), a.dest) for p, a in walk(build_parser(), ()) if not a.help]
+    assert missing == []

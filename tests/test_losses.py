@@ -1,4 +1,4 @@
-"""ProSMin's scoring rules against direct loop evaluations of the formulas (DESIGN.md "pretrain.losses")."""
+"""ProSMin's scoring rules against direct loop evaluations of the formulas (docs/protocols.md "ProSMin (the method)")."""
 
 from __future__ import annotations
 

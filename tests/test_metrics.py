@@ -25,10 +25,8 @@ from sklearn.metrics import (
 import prosmin_bench.metrics as M
 from prosmin_bench.metrics import MetricArgumentError
 
-CSV_CANDIDATES = (
-    Path("/work/shared/alexnet_c_errors.csv"),
-    Path(__file__).resolve().parents[1] / "prosmin_bench" / "_refdata" / "alexnet_c_errors.csv",
-)
+# The CSV shipped in the package (Hendrycks & Dietterich's AlexNet errors, see prosmin_bench/_refdata/README.md)
+ALEXNET_CSV = Path(__file__).resolve().parents[1] / "prosmin_bench" / "_refdata" / "alexnet_c_errors.csv"
 
 
 def _random_probs(rng: np.random.Generator, n: int, c: int, sharpness: float) -> np.ndarray:
@@ -257,8 +255,7 @@ def test_knn_distance_confidence_arguments() -> None:
 
 
 def _read_csv() -> dict[str, tuple[list[float], float]]:
-    path = next(p for p in CSV_CANDIDATES if p.exists())
-    with path.open() as f:
+    with ALEXNET_CSV.open() as f:
         rows = list(csv.DictReader(f))
     return {r["corruption"]: ([float(r[f"severity_{s}"]) for s in range(1, 6)], float(r["mean"])) for r in rows}
 

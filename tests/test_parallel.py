@@ -59,6 +59,13 @@ def test_a_variant_is_handed_out_after_the_model_it_reads():
     assert [specs[i].name for i in parallel.job_order(specs)] == ["prosmin_micro", "prosmin_target_micro", "pixels"]
 
 
+def test_references_are_handed_out_last_to_fill_the_end_of_the_run():
+    names = ("pixels_randproj", "dino_micro", "pixels", "prosmin_target_micro", "random_micro", "prosmin_micro")
+    specs = [get_model_spec(n) for n in names]
+    assert [specs[i].name for i in parallel.job_order(specs)] == [
+        "dino_micro", "random_micro", "prosmin_micro", "prosmin_target_micro", "pixels_randproj", "pixels"]
+
+
 def test_default_jobs(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)

@@ -7,6 +7,8 @@ expected_calibration_error`` works in any project. Every function accepts numpy 
 (probabilities [N, C], integer labels [N]), returns Python floats (or numpy arrays for per-sample scores), and
 raises :class:`MetricArgumentError` (a ``ValueError``) for unusable arguments. :func:`metric_info` says which way
 is better for a recorded metric name, its unit and its table group (one table, declared beside the functions).
+``prosmin_bench.metrics.stateful`` holds torchmetrics ``Metric`` versions for training loops (DDP-synced); it is
+imported on first use, so importing this package never imports torch.
 """
 
 from prosmin_bench.metrics._checks import MetricArgumentError
@@ -74,3 +76,12 @@ __all__ = [
     "temperature_nll",
     "temperature_scale",
 ]
+
+
+def __getattr__(name: str):
+    """``prosmin_bench.metrics.stateful`` on first access (PEP 562): torch and torchmetrics load only then."""
+    if name == "stateful":
+        import importlib
+
+        return importlib.import_module("prosmin_bench.metrics.stateful")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

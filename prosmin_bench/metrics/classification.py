@@ -13,7 +13,7 @@ import numpy as np
 from prosmin_bench.metrics._checks import positive_int, probs_and_labels
 from prosmin_bench.metrics.info import FRACTION, NATS, MetricInfo
 
-#: Probabilities are clamped here before the log so one zero does not make the NLL infinite (DESIGN.md).
+#: Probabilities are clamped here before the log so one zero does not make the NLL infinite.
 NLL_CLAMP = 1e-12
 
 #: Record names of these metrics (``error`` is 1 - top-1 accuracy, as the corruption tasks record it).
@@ -55,7 +55,7 @@ def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def negative_log_likelihood(probs: Any, labels: Any) -> float:
-    """Mean over samples of -ln p[label], with p clamped at 1e-12 before the log (natural log, DESIGN.md).
+    """Mean over samples of -ln p[label], with p clamped at 1e-12 before the log (natural log).
 
     probs [N, C], labels [N]. Rows are not renormalised (unlike ``sklearn.metrics.log_loss``).
 

@@ -75,7 +75,7 @@ def effective_rank(features: Any) -> float:
 
     features [N, D] -> a float in [1, min(N, D)] (up to RANKME_EPS; 0.0 when all rows are identical).
     Garrido et al., "RankMe: Assessing the downstream performance of pretrained self-supervised representations
-    by their rank", ICML 2023, Eq. 1, with eps = 1e-7, applied to centred features as in DESIGN.md.
+    by their rank", ICML 2023, Eq. 1, with eps = 1e-7, applied to centred features (docs/protocols.md, collapse).
 
     >>> round(effective_rank([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]), 4)  # two equal directions
     2.0

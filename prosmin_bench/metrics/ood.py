@@ -1,6 +1,6 @@
 """Out-of-distribution detection: confidence scores from logits or features, and the metrics on them.
 
-Convention (DESIGN.md): a confidence score is higher for samples that look more in-distribution (ID). The
+Convention (docs/protocols.md, OOD): a confidence score is higher for samples that look more in-distribution (ID). The
 detection metrics treat OOD as the positive class scored by -confidence (Hendrycks & Gimpel, ICLR 2017), except
 ``aupr_in``, which treats ID as positive scored by confidence. All values are fractions in [0, 1], not percent.
 """

@@ -1,7 +1,7 @@
 """Proper scoring rules of ProSMin (Vahidi et al., ICLR 2024, Eq. 2 and Eq. 5/6), estimated from r samples.
 
 With samples z_i1..z_ir of the online distribution for image i and the target y_i, the unbiased r-sample
-estimates are (DESIGN.md "pretrain.losses")
+estimates are (docs/protocols.md "ProSMin (the method)")
 
 - energy score: mean_i [ (2 lam / r) sum_j d(z_ij, y_i)^beta
                          - ((1 - lam) / (r (r - 1))) sum_{j != k} d(z_ij, z_ik)^beta ]

@@ -4,11 +4,13 @@ L2-normalise train and test features, cosine similarity, top-k neighbours, weigh
 summed; probabilities = votes normalised to sum 1 (so NLL and ECE exist for k-NN too).
 
 The neighbour search (exact, under a memory budget: a dense path while the bank fits, else streaming) is
-:func:`knn_search.knn_topk`. Unlike DINO's script it works below 100 test images and for k > N_train.
+:func:`knn_search.knn_topk` (``--knn-backend faiss``: faiss's exact index instead, ``knn_faiss.py``). Unlike DINO's
+script it works below 100 test images and for k > N_train.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -50,12 +52,13 @@ def _as_tensor(x: Any, device: torch.device | None = None) -> torch.Tensor:
 
 def knn_predict(train_features: Any, train_labels: Any, test_features: Any, k: int = 20, temperature: float = 0.07,
                 num_classes: int | None = None, *, max_memory: int = DEFAULT_MAX_MEMORY,
-                device: str | torch.device | None = None, path: str | None = None) -> torch.Tensor:
+                device: str | torch.device | None = None, path: str | None = None,
+                backend: str = "torch") -> torch.Tensor:
     """DINO weighted k-NN: probabilities [N_test, C] for test features [N_test, D] given a train bank [N_train, D].
 
     ``max_memory`` bounds the whole call: the probabilities and the vote buffers are set aside first, the rest
     goes to :func:`knn_topk`, which searches densely when that fits and streams otherwise (``path`` = "dense" or
-    "stream" forces one).
+    "stream" forces one; ``backend="faiss"``: the same neighbours from faiss, ``knn_faiss.py``).
 
     >>> import torch
     >>> train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
@@ -76,7 +79,7 @@ def knn_predict(train_features: Any, train_labels: Any, test_features: Any, k: i
     kk = min(k, int(train_features.shape[0]))
     vote_bytes = 4 * n_test * num_classes + min(n_test, _VOTE_ROWS) * (8 * num_classes + 28 * kk)
     sims, idx = knn_topk(train_features, test_features, k, max_memory=max_memory - vote_bytes, device=device,
-                         path=path)
+                         path=path, backend=backend)
     return knn_vote(sims, idx, labels, sims.shape[1], temperature, num_classes)
 
 
@@ -114,13 +117,15 @@ class KNNTask(Task):
         train = ctx.features(self.spec.refs["train"], p.layer)
         test = ctx.features(self.spec.refs["test"], p.layer)
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-        sims, idx = knn_topk(train.features, test.features, max(p.ks), max_memory=ctx.settings.max_memory,
-                             device=ctx.device)
+        search = dict(max_memory=ctx.settings.max_memory, device=ctx.device, backend=ctx.settings.knn_backend)
+        sims, idx = knn_topk(train.features, test.features, max(p.ks), **search)
         metrics: dict[str, float] = {}
-        # the search's plan (dense or streaming, block sizes): it follows --max-memory, the numbers do not
-        plan = knn_plan(train.features, test.features, max(p.ks), max_memory=ctx.settings.max_memory)
+        # the search's plan (torch's dense or streaming path, or faiss_cpu / faiss_gpu; block sizes): it follows
+        # --max-memory and --knn-backend, the numbers do not (up to float rounding and the order of exact ties)
+        plan = knn_plan(train.features, test.features, max(p.ks), **search)
         extras: dict[str, Any] = {"top1_by_k": {}, "search": plan.as_dict()}
-        held_out = held_out_bank_neighbours(ctx, train, test, p.ts_val_fraction, max(p.ks), self.spec.name, knn_topk)
+        held_out = held_out_bank_neighbours(ctx, train, test, p.ts_val_fraction, max(p.ks), self.spec.name,
+                                            functools.partial(knn_topk, backend=ctx.settings.knn_backend))
         samples = None
         for k in p.ks:
             probs = knn_vote(sims, idx, train.labels, min(k, sims.shape[1]), p.temperature, num_classes).numpy()

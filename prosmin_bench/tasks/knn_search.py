@@ -15,6 +15,8 @@ Two paths, chosen by :func:`knn_plan` (same neighbours up to the order of exact 
   chunk only contributes the similarities above each query's current k-th best; they are few (about k / (chunks
   seen) per query on average), so the merge costs a comparison and a sparse gather instead of a top-k over the whole
   similarity block.
+
+``backend="faiss"`` (``--knn-backend faiss``) runs the same search with faiss instead: :mod:`.knn_faiss`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FeatureError
-from ..settings import EvalSettings
+from ..settings import KNN_BACKENDS, EvalSettings
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +163,9 @@ class TopkPlan:
         return {"path": self.path, "query_chunk": self.query_chunk, "bank_chunk": self.bank_chunk}
 
 
-def knn_plan(train_features: Any, test_features: Any, k: int, *, max_memory: int = DEFAULT_MAX_MEMORY,
-             exclude: np.ndarray | None = None, path: str | None = None) -> TopkPlan:
-    """The plan :func:`knn_topk` follows for these inputs (it reads only their shapes and dtypes): dense when the
-    dense path fits ``max_memory`` with at least ``_MIN_DENSE_QUERIES`` queries per block (or all of them, when
-    fewer), else streaming; ``path`` forces one. Raises when the plan does not fit the budget."""
-    if path is not None and path not in PATHS:
-        raise FeatureError(f"Expected `path` to be 'dense', 'stream' or None, but got {path!r}")
+def check_inputs(train_features: Any, test_features: Any, k: int, exclude: np.ndarray | None) -> int:
+    """Refuse empty or mismatched features and an ``exclude`` mask that is not one per bank row or leaves none;
+    the number of neighbours a search returns: ``k``, at most the included bank rows."""
     n_train, n_test = int(train_features.shape[0]), int(test_features.shape[0])
     if n_train == 0 or n_test == 0:
         raise FeatureError(f"Expected non-empty features, but got {n_train} train and {n_test} test samples")
@@ -182,7 +180,28 @@ def knn_plan(train_features: Any, test_features: Any, k: int, *, max_memory: int
             raise FeatureError(f"Expected `exclude` to be a mask of {n_train} bank rows leaving at least one, but got "
                                f"shape {exclude.shape} with {int(exclude.sum())} set")
         k = min(k, n_train - int(exclude.sum()))
-    k = min(k, n_train)
+    return min(k, n_train)
+
+
+def knn_plan(train_features: Any, test_features: Any, k: int, *, max_memory: int = DEFAULT_MAX_MEMORY,
+             exclude: np.ndarray | None = None, path: str | None = None, backend: str = "torch",
+             device: str | torch.device | None = None) -> TopkPlan:
+    """The plan :func:`knn_topk` follows for these inputs (it reads only their shapes and dtypes): dense when the
+    dense path fits ``max_memory`` with at least ``_MIN_DENSE_QUERIES`` queries per block (or all of them, when
+    fewer), else streaming; ``path`` forces one. ``backend="faiss"``: :func:`.knn_faiss.faiss_plan` (on ``device``).
+    Raises when the plan does not fit the budget."""
+    if backend not in KNN_BACKENDS:
+        raise FeatureError(f"Expected `backend` to be one of {list(KNN_BACKENDS)}, but got {backend!r}")
+    if backend == "faiss":
+        if path is not None:
+            raise FeatureError(f"Expected `path` to be None with the faiss backend, but got {path!r}")
+        from .knn_faiss import faiss_plan  # faiss itself is imported only there, and only when used
+
+        return faiss_plan(train_features, test_features, k, max_memory=max_memory, exclude=exclude, device=device)
+    if path is not None and path not in PATHS:
+        raise FeatureError(f"Expected `path` to be 'dense', 'stream' or None, but got {path!r}")
+    k = check_inputs(train_features, test_features, k, exclude)
+    n_train, n_test = int(train_features.shape[0]), int(test_features.shape[0])
     dim, itemsize = int(train_features.shape[1]), max(_itemsize(train_features), _itemsize(test_features))
     result_bytes = _RESULT_BYTES_PER_K * k * n_test
     threads = torch.get_num_threads()
@@ -315,6 +334,7 @@ def _stream(bank: _Rows, queries: _Rows, plan: TopkPlan, dev: torch.device, excl
 def knn_topk(
     train_features: Any, test_features: Any, k: int, *, max_memory: int = DEFAULT_MAX_MEMORY,
     device: str | torch.device | None = None, exclude: np.ndarray | None = None, path: str | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities and indices of the ``k`` nearest train samples of each test sample.
 
@@ -326,10 +346,17 @@ def knn_topk(
             -inf before the top-k; e.g. a held-out part of the bank queried against the rest).
         path: None picks the dense path when it fits ``max_memory``, else streams (:func:`knn_plan`); "dense" or
             "stream" forces one.
+        backend: "torch" (this module) or "faiss" (:mod:`.knn_faiss`: the same result from faiss's exact
+            ``IndexFlatIP``, on ``device`` when it is CUDA and faiss has GPU support; ``path`` must be None).
     Returns:
         (sims [N_test, k'] float32 descending, idx [N_test, k'] int64) on CPU, k' = min(k, included bank rows).
     """
-    plan = knn_plan(train_features, test_features, k, max_memory=max_memory, exclude=exclude, path=path)
+    plan = knn_plan(train_features, test_features, k, max_memory=max_memory, exclude=exclude, path=path,
+                    backend=backend, device=device)
+    if backend == "faiss":
+        from .knn_faiss import faiss_topk
+
+        return faiss_topk(train_features, test_features, plan, exclude=exclude, device=device)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     excluded = torch.from_numpy(np.asarray(exclude, dtype=bool)).to(dev) if exclude is not None else None
     log.debug("k-NN plan: %s path, %d queries x %d bank rows per block, ~%.1f MiB of %.1f MiB", plan.path,

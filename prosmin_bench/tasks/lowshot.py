@@ -26,6 +26,13 @@ arXiv:1911.04623, Sec. 3: subtract the mean feature, then L2-normalise), which m
 large common component: the micro models' CLS features do, so on the plain L2-normalised features the held-out
 choice ran into lambda -> 0 (the class differences are a small part of each unit vector) and the mini cards set it.
 
+Solver (protocol field ``solver``): "sklearn" fits scikit-learn's ``LogisticRegression`` (lbfgs), "torch" the
+same objective by full-batch L-BFGS on the run's device (``tasks/logreg.py``: float64, stopped when the objective is
+provably within 1e-6 of its optimum, relative; each fold's fit warm-started from its fit at the nearest lambda
+evaluated, the refit from the first fold's at the chosen lambda). The ImageNet cards use "torch": scikit-learn on a
+CPU takes hours per ImageNet-10% fit. Its records say the solver, iterations and convergence in
+``extras["solver"]``; a record made before the field existed counts as "sklearn" (``LowShotParams.ADDED_FIELDS``).
+
 Temperature scaling (Guo et al. 2017; ``metrics.fit_temperature``): T is fitted on the pooled out-of-fold logits (the
 decision functions) of the folds' classifiers at the chosen lambda, then applied to the decision function of the
 classifier refit on the whole subset (``nll_ts``, ``ece_ts``). Besides the test set, which must stay unseen, the
@@ -39,13 +46,14 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..data.subsets import check_covers
 from ..errors import CardError, DataError
 from .base import Task, TaskContext, TaskOutput, classification_samples, register_kind
+from .logreg import TorchLogisticRegression, nearest_init
 from ..metrics import fit_temperature, temperature_scale
 from .probes import (
     check_subset_params,
@@ -77,6 +85,11 @@ class LowShotParams:
     # within 0.3% of uniform and a larger lambda changes nothing measurable.
     lambda_bounds: tuple[float, float] = (1e-7, 1e3)
     standardise: bool = False  # z-score with the labelled subset's statistics before L2 (module docstring)
+    solver: str = "sklearn"  # or "torch": the same objective by L-BFGS on the run's device (module docstring)
+
+    #: Fields added after records existed, with the value those records were made with: a record without one is
+    #: compared as if it said this value (``runner._existing_ok``), so the committed records stay reusable.
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"solver": "sklearn"}
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -111,8 +124,12 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.nda
     return [(everything[owner != f], everything[owner == f]) for f in range(k) if np.any(owner == f)]
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, lam: float, max_iter: int):
-    """Multinomial L2 logistic regression without intercept, cyanure's lambda -> sklearn C = 1 / (lambda N)."""
+def fit_logistic(x: np.ndarray, y: np.ndarray, lam: float, max_iter: int, solver: str = "sklearn",
+                 device: Any = "cpu", init: np.ndarray | None = None):
+    """Multinomial L2 logistic regression without intercept, cyanure's lambda -> sklearn C = 1 / (lambda N); with
+    ``solver="torch"`` the same fit by ``logreg.TorchLogisticRegression`` on ``device``, from weights ``init``."""
+    if solver == "torch":
+        return TorchLogisticRegression(lam, device=device, max_iter=max_iter).fit(x, y, init=init)
     # Imported here: scikit-learn's linear models take about a second to import, which only a low-shot run pays.
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -148,6 +165,17 @@ def scaled_proba_full(clf: Any, x: np.ndarray, temperature: float, num_classes: 
     return out
 
 
+def solver_extras(fits: list[Any], device: Any) -> dict[str, Any]:
+    """``extras["solver"]`` of a torch-solver run from its LogRegFits (the refit last): the device, the number of
+    fits, their total and largest L-BFGS iterations, how many stopped unconverged, and the refit's iterations,
+    convergence and bound on its distance to the optimum (``LogRegFit.gap``)."""
+    refit = fits[-1]
+    return {"name": "torch", "device": str(device), "fits": len(fits), "n_iter_total": sum(f.n_iter for f in fits),
+            "n_iter_max": max(f.n_iter for f in fits), "not_converged": sum(not f.converged for f in fits),
+            "refit": {"n_iter": refit.n_iter, "converged": refit.converged, "gap": refit.gap,
+                      "objective": refit.objective}}
+
+
 @register_kind("lowshot")
 class LowShotTask(Task):
     """Low-shot logistic regression: ``top1``, ``top5`` (C >= 5), ``nll``, ``ece``; ``nll_ts``, ``ece_ts`` and the
@@ -170,6 +198,9 @@ class LowShotTask(Task):
         if not isinstance(params.standardise, bool):
             raise CardError(f"Card {spec.card!r}: protocol field 'standardise' must be true or false, but got "
                             f"{params.standardise!r}")
+        if params.solver not in ("sklearn", "torch"):
+            raise CardError(f"Card {spec.card!r}: protocol field 'solver' must be \"sklearn\" or \"torch\", but got "
+                            f"{params.solver!r}")
 
     def metric_names(self) -> list[str]:
         return ["top1", "top5", "nll", "ece", "nll_ts", "ece_ts", "temperature", "val_top1", "lambda", "n_labelled"]
@@ -185,12 +216,25 @@ class LowShotTask(Task):
                             f"lambda_bounds {list(p.lambda_bounds)}; widen 'lambda_bounds'")
         return grid
 
+    def _fit(self, x: np.ndarray, y: np.ndarray, lam: float, device: Any, warm: dict[float, np.ndarray],
+             fits: list[Any]) -> Any:
+        """``fit_logistic`` with the card's solver; a torch fit starts from the weights in ``warm`` (lambda ->
+        weights of earlier fits on the same images) of the nearest lambda, adds its own and its LogRegFit to
+        ``fits``."""
+        p = self.params
+        clf = fit_logistic(x, y, lam, p.max_iter, p.solver, device, nearest_init(warm, lam))
+        if p.solver == "torch":
+            warm[lam] = clf.fit_.weights
+            fits.append(clf.fit_)
+        return clf
+
     def _choose(self, x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
-                num_classes: int) -> tuple[Selection, float, dict[float, str], float]:
+                num_classes: int, device: Any, warm: list[dict[float, np.ndarray]],
+                fits: list[Any]) -> tuple[Selection, float, dict[float, str], float]:
         """Lambda chosen by cross-validation on the labelled subset (``tasks/selection.py`` on the pooled
         out-of-fold predictions of ``folds``), with the lambda to refit the whole subset with, each evaluated value's
         label (``"0.01"``, ``"0.1/N"``) and the temperature fitted on the pooled out-of-fold logits (module
-        docstring)."""
+        docstring). ``warm``: one dict per fold for :meth:`_fit`."""
         p = self.params
         n_fit = float(np.mean([len(f) for f, _ in folds]))  # the N of a lambda/N entry while choosing
         card = self._grid(n_fit)
@@ -202,8 +246,8 @@ class LowShotTask(Task):
 
         def evaluate(lam: float) -> Score:
             probs, logits = [], []
-            for fit_idx, val_idx in folds:
-                clf = fit_logistic(x[fit_idx], y[fit_idx], lam, p.max_iter)
+            for (fit_idx, val_idx), fold_warm in zip(folds, warm):
+                clf = self._fit(x[fit_idx], y[fit_idx], lam, device, fold_warm, fits)
                 probs.append(predict_proba_full(clf, x[val_idx], num_classes))
                 # every class of the subset keeps a fit example in every fold (stratified_folds), so the columns of
                 # the decision function are the same classes in every fold
@@ -246,8 +290,12 @@ class LowShotTask(Task):
                 f"{self.spec.name}: the labelled subset ({len(y)} images) has no class with two examples, so nothing "
                 "can be held out to choose lambda; use a larger subset"
             )
-        sel, lam, labels, temperature = self._choose(x, y, folds, num_classes)
-        clf = fit_logistic(x, y, lam, p.max_iter)
+        warm: list[dict[float, np.ndarray]] = [{} for _ in folds]
+        fits: list[Any] = []  # the torch solver's LogRegFits, the refit's last
+        sel, lam, labels, temperature = self._choose(x, y, folds, num_classes, ctx.device, warm, fits)
+        # every class of the subset has fit examples in every fold (stratified_folds): the first fold's weights at
+        # the chosen lambda have the refit's shape
+        clf = self._fit(x, y, lam, ctx.device, {lam: warm[0][sel.chosen]} if p.solver == "torch" else {}, fits)
         x_test = l2_normalise((np.asarray(test.features, dtype=np.float64) - mean) / std)
         probs = predict_proba_full(clf, x_test, num_classes)
         metrics = classification_metrics(probs, y_test, p.n_bins)
@@ -260,4 +308,6 @@ class LowShotTask(Task):
             "selection": {"lambda": sel.as_extras()},
             "reliability": reliability_extras(probs, y_test, p.n_bins),
         }
+        if p.solver == "torch":
+            extras["solver"] = solver_extras(fits, ctx.device)
         return TaskOutput(metrics, extras, classification_samples(self.spec.main_score, probs, y_test))
