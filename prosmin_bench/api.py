@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import config, features, suite
+from . import config, progress, suite
 from .models import get_model
 from .leaderboard.board import newest_versions
 from .models.zoo import list_model_names
@@ -53,9 +53,10 @@ class Results(list):
 
 @contextlib.contextmanager
 def _notebook_output(quiet: bool) -> Iterator[None]:
-    """While ``evaluate`` runs: progress bars (``tqdm.auto``: widgets in Jupyter, text in a terminal) unless
-    ``quiet``, and, when neither the ``prosmin_bench`` logger nor the root logger has a handler, INFO lines
-    (WARNING with ``quiet``) on stderr; a logging set-up of the caller's own is left as it is."""
+    """While ``evaluate`` runs: progress as the package's policy says (:mod:`prosmin_bench.progress`: widgets in
+    Jupyter, bars in a terminal, a log line every 30 s elsewhere), none with ``quiet``; and, when neither the
+    ``prosmin_bench`` logger nor the root logger has a handler, INFO lines (WARNING with ``quiet``) on stderr; a
+    logging set-up of the caller's own is left as it is."""
     logger = logging.getLogger("prosmin_bench")
     handler = None
     level = logger.level
@@ -64,11 +65,10 @@ def _notebook_output(quiet: bool) -> Iterator[None]:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    progress, features.PROGRESS = features.PROGRESS, not quiet
     try:
-        yield
+        with progress.using("off" if quiet else progress.mode()):
+            yield
     finally:
-        features.PROGRESS = progress
         if handler is not None:
             logger.removeHandler(handler)
             logger.setLevel(level)
@@ -89,8 +89,8 @@ def evaluate(
             at the module's input size); stated in the record.
         name: the name of the nn.Module's records (letters, digits and _ . + -).
         data_root: the folder of the datasets that are files (ImageNet, image folders of task cards).
-        quiet: no progress bars and only warnings in the log (else INFO lines on stderr when logging is not
-            configured).
+        quiet: no progress and only warnings in the log (else INFO lines on stderr when logging is not configured,
+            and progress bars or lines: :mod:`prosmin_bench.progress`).
         seeds, device, results_dir, overwrite, options: as :func:`prosmin_bench.runner.evaluate`.
     """
     with _notebook_output(quiet):

@@ -49,6 +49,8 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
 def cmd_run(a: argparse.Namespace) -> int:
     from . import config, distributed, launcher, leaderboard, parallel, suite, threads
     from .features import default_num_workers
+    from .leaderboard.console import run_table, where_next
+    from .reuse import folder_stamps, reused_pairs
     from .runner import RunOptions
 
     chosen = suite.select(a.model, a.task, a.suite)  # which models, tasks and default seeds
@@ -69,6 +71,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     )
     if a.leaderboard is not None:  # a page that cannot be written must not wait until after all the work
         leaderboard.check_destination(a.leaderboard, "--leaderboard")
+    before = folder_stamps(opts.results_dir)  # tells the records this run computes from those it reuses
     if launch is not None:  # submitit jobs, one per (model, task); missing micro models are pretrained first
         records = launcher.evaluate(chosen, opts, launch)
         if isinstance(records, launcher.Submitted):  # SLURM without --wait: the job ids and the log folder
@@ -81,13 +84,15 @@ def cmd_run(a: argparse.Namespace) -> int:
         return 0
     distributed.destroy()
     failed = [r for r in records if getattr(r, "record_type", "") == "error"]
-    text = leaderboard.render(opts.results_dir, suite=chosen.suite)
+    written = []
     if a.leaderboard:
         if a.leaderboard.suffix.lower() == ".md":
-            leaderboard.write(opts.results_dir, a.leaderboard, suite=chosen.suite)
+            written = [leaderboard.write(opts.results_dir, a.leaderboard, suite=chosen.suite)]
         else:
-            leaderboard.write_suite_pages(opts.results_dir, a.leaderboard)
-    sys.stdout.write(text)
+            written = [p for p in leaderboard.write_suite_pages(opts.results_dir, a.leaderboard) if p.suffix == ".md"]
+    # What this run did, compactly; the full page (every result in the folder) is one command away.
+    sys.stdout.write(run_table(records, reused_pairs(records, opts.results_dir, before)) + "\n" +
+                     where_next(opts.results_dir, written))
     if failed:  # the suite went on past each failure; the exit status still says that something needs fixing
         first = failed[0]
         sys.stderr.write(
@@ -237,13 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging(a.debug, a.quiet)
+    from . import progress  # light: tqdm, no torch
+
     # Only the main thread may set handlers (main() called from a worker thread keeps the process's own).
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is \
         threading.main_thread() else None
     try:
         for d in a.cards:
             cards.add_card_dir(d)
-        return COMMANDS[a.command](a)
+        with progress.using(progress.resolve(a.progress, a.quiet)):
+            return COMMANDS[a.command](a)
     except (ProsminBenchError, ValueError) as exc:
         # A metric's argument error (metrics.MetricArgumentError, a ValueError) is the user's to fix as well; it can
         # only come from a loaded prosmin_bench.metrics, which the CLI does not import up front (a light --help).

@@ -14,7 +14,7 @@ from .record_schema import MAX_SEED, seeds_problem
 DESCRIPTION = "Command line: thin; every subcommand fills a typed options object and makes one library call."
 
 EXAMPLES = """examples:
-  prosmin-bench run                                    # the mini suite: evaluate (shipped micro checkpoints), leaderboard
+  prosmin-bench run                                    # the mini suite: evaluate (shipped micro checkpoints), summary
   prosmin-bench run --jobs 1 --threads 2               # one model at a time with two threads (default: a job per core)
   prosmin-bench run --model random_micro --task digits_knn --task digits_linear
   prosmin-bench run --model prosmin_vits16 --task imagenet_c --data-root /data
@@ -28,6 +28,11 @@ EXAMPLES = """examples:
   prosmin-bench leaderboard --results leaderboards/results --out leaderboards   # the committed pages + figures/
   prosmin-bench data check --data-root /data
 """
+
+
+PROGRESS_HELP = ("progress of long work (extraction, probe sweeps, fits, epochs, pairs): auto = bars on a terminal, "
+                 "a log line every 30 s otherwise (SLURM logs, pipes); on = bars always; off = none "
+                 "(default: auto, off with -q)")
 
 
 def int_in(low: int, high: int, what: str):
@@ -108,11 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--cards", action="append", default=[], metavar="DIR", help="extra folder of task/model cards")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default=None, help=PROGRESS_HELP)
     # The same flags after the subcommand (`prosmin-bench run -q`); SUPPRESS keeps a value given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as before the subcommand")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="as before the subcommand")
+    common.add_argument("--progress", choices=["auto", "on", "off"], default=argparse.SUPPRESS,
+                        help="as before the subcommand")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command")
 
@@ -172,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--slurm-log-dir", type=Path, default=None, metavar="DIR",
                    help="submitit's job files and logs (default <results>/.submitit)")
     r.add_argument("--wait", action="store_true",
-                   help="slurm: wait for the jobs, then print the leaderboard (local always waits)")
+                   help="slurm: wait for the jobs, then print the run's table (local always waits)")
 
     ls = sub.add_parser("list", parents=[common], help="list models or tasks")
     ls.add_argument("what", choices=["models", "tasks", "recipes", "datasets"], help="what to list")

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from . import config, distributed
+from . import config, distributed, progress
 from .data.base import DATA_HASHES
 from .errors import FeatureError, ProsminBenchError
 from .feature_cache import CacheWriter, load_entry, store_entry
@@ -181,19 +179,16 @@ def _ram_array(shape: tuple[int, int], dtype: Any) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
 
 
-#: Progress bars of extraction when a caller does not say: None, a bar when stderr is a terminal; True / False
-#: forced (``prosmin_bench.evaluate`` sets it for its call: bars in Jupyter too, none with ``quiet``).
-PROGRESS: bool | None = None
-
-
 def compute_features(
     model: Any, dataset: Any, *, layer: str = "cls", batch_size: int = 256, device: torch.device | str = "cpu",
-    precision: str = "fp32", num_workers: int = 0, progress: bool | None = None, desc: str = "features",
+    precision: str = "fp32", num_workers: int = 0, desc: str = "features",
     dtype: str = "float32", indices: Sequence[int] | None = None,
     allocate: Callable[[tuple[int, int], Any], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Run the backbone over ``dataset`` (or its samples ``indices``, in that order): no_grad, eval mode,
     autocast at ``precision``.
+
+    A bar over the batches follows the package's progress policy (:mod:`prosmin_bench.progress`), titled ``desc``.
 
     Args:
         dtype: storage dtype of the returned features ("float32" or "float16"); each batch is cast and
@@ -219,8 +214,6 @@ def compute_features(
             ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
-    if progress is None:
-        progress = (sys.stderr.isatty() if PROGRESS is None else PROGRESS) and distributed.is_main()
     model.eval()
     out: np.ndarray | None = None
     labels = np.empty(n, dtype=np.int64)
@@ -228,7 +221,7 @@ def compute_features(
     amp = PRECISIONS[precision]
     start = time.perf_counter()
     with torch.no_grad():
-        for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False, total=-(-n // batch_size)):
+        for images, y in progress.bar(loader, desc=desc, total=-(-n // batch_size), unit="batch"):
             images = images.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
                 batch = _forward(model, images, layer).float().cpu().numpy()

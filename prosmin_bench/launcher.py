@@ -3,7 +3,7 @@
 One job is one (model, task) pair, evaluated by the same entry point as the in-process run
 (:func:`prosmin_bench.suite.evaluate` with the run's :class:`~prosmin_bench.runner.RunOptions`), so the records are
 the in-process run's. All jobs write into one results folder: records are written atomically under per-record
-locks (``runner.record_lock_path``), so concurrent jobs neither corrupt nor duplicate a record, and the folder is
+locks (``reuse.record_lock_path``), so concurrent jobs neither corrupt nor duplicate a record, and the folder is
 what a serial run would leave. Before submitting, this process does what the jobs would otherwise all do at once:
 
 1. pretrains the mini models whose checkpoint is missing (``suite.ensure_weights``; with the checkpoints shipped in
@@ -74,7 +74,7 @@ class LaunchOptions:
     mem: int | None = None  # bytes of memory per job (None: the partition's default)
     account: str | None = None  # SLURM account to charge
     log_dir: Path | None = None  # submitit's pickles and logs (None: <results>/.submitit)
-    wait: bool = False  # slurm: wait for the jobs and print the leaderboard (local always waits)
+    wait: bool = False  # slurm: wait for the jobs and print the run's table (local always waits)
     signal_delay_s: int = 120  # SLURM signals the job this long before its time limit (DINO: 120)
 
     def __post_init__(self) -> None:

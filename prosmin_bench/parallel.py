@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from . import cards, threads
+from . import cards, progress, threads
 from .errors import ProsminBenchError
 
 if TYPE_CHECKING:
@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def _init_worker(level: int, card_dirs: Sequence[str], n_threads: int | None, jobs: int) -> None:
-    """In each spawned worker: the parent's log level and card folders, and this worker's thread count."""
+def _init_worker(level: int, card_dirs: Sequence[str], n_threads: int | None, jobs: int, progress_mode: str) -> None:
+    """In each spawned worker: the parent's log level, card folders and progress mode (as a worker: log lines, not
+    live bars, which several processes would draw over each other), and this worker's thread count."""
+    progress.configure(progress_mode, worker=True)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
     root = logging.getLogger("prosmin_bench")
@@ -94,7 +96,8 @@ def current_records(mspec: ModelSpec, tspecs: Sequence[TaskSpec], opts: RunOptio
 
     from .models import get_model
     from .paths import recipe_checkpoint_path, record_path
-    from .runner import feature_source, reusable_record
+    from .reuse import reusable_record
+    from .runner import feature_source
 
     recipe = mspec.weights.recipe
     if recipe and not opts.shipped and opts.weights is None and not recipe_checkpoint_path(recipe).is_file():
@@ -143,12 +146,15 @@ def evaluate(mspecs: Sequence[ModelSpec], tspecs: Sequence[TaskSpec], opts: RunO
     """Evaluate ``mspecs`` x ``tspecs`` with ``opts.jobs`` worker processes; the records in the serial order
     (model by model, each model's tasks in order). A worker that dies (killed for memory, a crash in native code)
     leaves an error record for each of its model's tasks that has no result, and the others go on."""
+    from .paths import record_path
+    from .reuse import file_stamp
     from .runner import error_records
 
     results: dict[int, list[Record]] = {}
     order = job_order(mspecs)
     while order and (done := cached_records(mspecs[order[0]], tspecs, opts)) is not None:
         results[order.pop(0)] = done  # a re-run: no worker is started for models whose records are all current
+    finished = _Finished(len(mspecs) * len(tspecs), sum(len(r) for r in results.values()))
     if not order:
         return [rec for i in range(len(mspecs)) for rec in results[i]]
     jobs = min(opts.jobs, len(order))
@@ -159,7 +165,7 @@ def evaluate(mspecs: Sequence[ModelSpec], tspecs: Sequence[TaskSpec], opts: RunO
     log.info("evaluating %d models on %d tasks in %d parallel jobs of %d intra-op thread(s) each (%s)", len(order),
              len(tasks), jobs, n_threads, source)
     pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker, initargs=(level, dirs, opts.threads, jobs))
+                                  initializer=_init_worker, initargs=(level, dirs, opts.threads, jobs, progress.mode()))
     try:
         refs = generated_refs(tspecs)  # read from the cache when made before (75 small .npy files: instant)
         if refs:
@@ -168,9 +174,12 @@ def evaluate(mspecs: Sequence[ModelSpec], tspecs: Sequence[TaskSpec], opts: RunO
             shares = [refs[k::jobs] for k in range(jobs)]
             for fut in [pool.submit(_make_data, share, opts.data_root) for share in shares if share]:
                 fut.result()  # a failure here recurs in each model's corruption task, which records it
-        futures = {pool.submit(_run_model, mspecs[i].name, tasks, opts, prepare): i for i in order}
+        futures = {}
+        for i in order:
+            stamps = [file_stamp(record_path(opts.results_dir, mspecs[i].name, t)) for t in tasks]
+            futures[pool.submit(_run_model, mspecs[i].name, tasks, opts, prepare)] = (i, stamps)
         for fut in cf.as_completed(futures):
-            i = futures[fut]
+            i, stamps = futures[fut]
             try:
                 results[i] = fut.result()
             except cf.process.BrokenProcessPool as exc:
@@ -180,6 +189,7 @@ def evaluate(mspecs: Sequence[ModelSpec], tspecs: Sequence[TaskSpec], opts: RunO
                 ) from None
             except ProsminBenchError as exc:  # e.g. a model's weights could not be loaded on this machine
                 results[i] = error_records(mspecs[i].name, tspecs, exc, opts)
+            finished.report(results[i], stamps, opts.results_dir)
     except BaseException:
         # Ctrl-C reaches the workers too (one process group); SIGTERM may reach only this process: end them, so
         # no worker goes on writing records after the run has stopped.
@@ -189,6 +199,29 @@ def evaluate(mspecs: Sequence[ModelSpec], tspecs: Sequence[TaskSpec], opts: RunO
         raise
     pool.shutdown()
     return [rec for i in range(len(mspecs)) for rec in results.get(i, [])]
+
+
+class _Finished:
+    """The parent's progress: a line "pair i/N done: model / task (time)" for each record a worker sends back, in
+    the order they come back (the workers number nothing: they see only their model)."""
+
+    def __init__(self, total: int, done: int) -> None:
+        self.total, self.done = total, done
+
+    def report(self, records: Sequence[Record], stamps: Sequence[Any], results_dir: Any) -> None:
+        """``stamps``: :func:`reuse.file_stamp` of each record's file before its job, in the records' order."""
+        from .paths import record_path
+        from .reuse import file_stamp
+
+        for rec, before in zip(records, stamps):
+            self.done += 1
+            if getattr(rec, "record_type", "") == "error":
+                how = "failed"
+            elif before is not None and file_stamp(record_path(results_dir, rec.model, rec.task)) == before:
+                how = "up to date"
+            else:
+                how = f"{getattr(rec, 'wall_time_s', 0.0):.1f} s"
+            log.info("pair %d/%d done: %s / %s (%s)", self.done, self.total, rec.model, rec.task, how)
 
 
 def default_jobs(n_models: int, device: str) -> int:

@@ -12,8 +12,8 @@ mini model). Under torchrun it follows the rank protocol of ``distributed.py`` (
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
-from . import config, distributed
+from . import config, distributed, progress
 from .data import DATASETS
 from .data.base import DATA_HASHES
 from .errors import DataError, ProsminBenchError, UnknownNameError, WeightsError, one_line
@@ -32,14 +31,12 @@ from .devices import resolve_device
 from .models import ModelSpec, get_model, get_model_spec
 from .models.custom import MODULE_PREFIX, resolve_models
 from .models.weights import check_weights_file
-from .paths import check_cache_writable, check_writable, record_path, safe_lock_path
+from .paths import check_cache_writable, check_writable, record_path
 from .record_schema import check_seeds
-from .results import (
-    RUN_CONFIG_DEFAULTS, ErrorRecord, Record, ResultRecord, git_commit, read_record, utc_now, versions, write_record,
-    CorruptRecord, as_json,
-)
+from .results import ErrorRecord, Record, git_commit, utc_now, versions, write_record
+from .reuse import _is_result, _record_lock, reusable_record, run_settings
 from .settings import CHOICES, EvalSettings, check_choices
-from .tasks import TaskSpec, build_task, get_task_spec, linear_aug
+from .tasks import TaskSpec, get_task_spec, linear_aug
 from .parallel import check_jobs
 from .threads import resolve_threads
 
@@ -97,93 +94,6 @@ def feature_source(model: Any, opts: RunOptions, device: torch.device) -> Featur
     """The run's feature source for ``model``; on rank 0 under torchrun it announces each extraction to the others."""
     return FeatureSource(model, eval_settings(opts, device), data_hash=opts.data_hash, recompute=opts.overwrite,
                          announce=distributed.lead)
-
-
-def run_settings(opts: RunOptions) -> dict[str, Any]:
-    """The settings of ``opts`` that change a record's numbers (``ResultRecord.run_config``)."""
-    return {name: getattr(opts, name) for name in RUN_CONFIG_DEFAULTS}
-
-
-def _existing_ok(path: Path, spec: TaskSpec, seeds: Sequence[int], sha: str, network: str | None = None, *,
-                 model: str, settings: dict[str, Any], source: FeatureSource | None = None,
-                 info: dict[str, Any] | None = None) -> ResultRecord | None:
-    """The record at ``path`` if it already answers this (model and task, task version, weights, seeds, evaluated
-    network, run settings such as the extraction precision, protocol; with ``source``, the data it was computed on
-    still has the fingerprints it had).
-
-    A record made before ``ci95`` / ``samples`` / ``ranked`` were recorded is reused: its numbers are not wrong, it
-    only lacks the interval (the leaderboard shows none and runs no paired test for it) until a run with
-    ``overwrite`` remakes it; ``ranked`` comes from the card then."""
-    if not path.is_file():
-        return None
-    try:
-        rec = read_record(path)
-    except CorruptRecord as exc:
-        log.warning("ignoring unreadable result file %s (%s); it will be recomputed", path, exc)
-        return None
-    if not isinstance(rec, ResultRecord):
-        return None
-    if (rec.model, rec.task) != (model, spec.name):  # a copy of another pair's record put in this pair's file
-        log.warning("ignoring result file %s: it holds %s / %s, not %s / %s; it will be recomputed", path, rec.model,
-                    rec.task, model, spec.name)
-        return None
-    if rec.task_version != spec.version or rec.weights_sha256 != sha:
-        return None
-    # Records from before run_config was recorded count as made with the defaults (fp32, float32 features, torch).
-    then = {name: rec.settings.get(name) for name in settings}
-    if then != settings:
-        log.info("%s was computed with %s; recomputing with %s", path, then, settings)
-        return None
-    # A pretraining checkpoint evaluated through another of its networks (records from before MoCo-v3 checkpoints
-    # were evaluated with their base encoder say nothing, which meant the target network; ProSMin's records that
-    # say "target" predate its online evaluation, issue 19, and are remade).
-    if network is not None and (rec.model_info or {}).get("network", "target") != network:
-        return None
-    if not set(seeds) <= set(rec.seeds):
-        return None
-    if any((rec.model_info or {}).get(k) != v for k, v in (info or {}).items()):  # a user module's preprocessing
-        return None
-    params = build_task(spec).params
-    protocol = as_json(dict(vars(params)))
-    # A protocol field added later counts, in a record without it, as the value records were made with before.
-    if as_json({**getattr(params, "ADDED_FIELDS", {}), **rec.protocol}) != protocol:  # a card edited, no version bump
-        log.info("%s was computed with protocol %s; recomputing with %s", path, rec.protocol, protocol)
-        return None
-    if source is not None:
-        changed = source.data_changed(rec.data)
-        if changed is not None:
-            log.info("%s: %s; recomputing it", path, changed)
-            return None
-    return rec
-
-
-def reusable_record(path: Path, spec: TaskSpec, name: str, model: Any, source: FeatureSource,
-                    opts: RunOptions) -> ResultRecord | None:
-    """The record at ``path`` when ``opts`` allow reuse and it answers this run of ``model`` (:func:`_existing_ok`)."""
-    return None if opts.overwrite else _existing_ok(path, spec, opts.seeds, model.weights_sha256, model.network,
-                                                    model=name, settings=run_settings(opts), source=source,
-                                                    info=getattr(model, "record_info", None))
-
-
-def record_lock_path(results_dir: str | Path, path: Path) -> Path:
-    """The lock file that guards the record ``path``: ``<home>/locks/<sha256 of the results folder>[:16]/<model>/
-    <task>.lock``. Not beside the record, so a results folder (the committed ``leaderboards/results`` too) only
-    ever holds records; two runs on one results folder share it as long as they share PROSMIN_BENCH_HOME."""
-    key = hashlib.sha256(str(Path(results_dir).expanduser().resolve()).encode()).hexdigest()[:16]
-    lock = safe_lock_path(config.home() / "locks" / key / path.parent.name / path.stem)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    return lock
-
-
-def _record_lock(results_dir: str | Path, path: Path) -> FileLock:
-    return FileLock(str(record_lock_path(results_dir, path)))
-
-
-def _is_result(path: Path) -> bool:
-    try:
-        return path.is_file() and isinstance(read_record(path), ResultRecord)
-    except CorruptRecord:
-        return False
 
 
 # --- torchrun: every rank extracts, rank 0 alone runs the protocols and writes records ---------------------------
@@ -360,6 +270,7 @@ def evaluate(
         _serve_extraction(mspecs, opts, dev, prepare_weights, given)
         return []
     records: list[Record] = []
+    n_pairs = len(mspecs) * len(tspecs)
     for model_index, mspec in enumerate(mspecs):
         try:
             distributed.lead(("model", model_index))
@@ -369,26 +280,33 @@ def evaluate(
             records += error_records(mspec.name, tspecs, exc, opts)
             continue
         source = feature_source(model, opts, dev)
-        for tspec in tspecs:
+        for task_index, tspec in enumerate(tspecs):
+            # "pair i/n: " before the pair's log lines (none in a --jobs worker: progress.pair_label)
+            label = progress.pair_label(model_index * len(tspecs) + task_index + 1, n_pairs)
+            pair, finished = (f"{label}: ", f"{label} done: ") if label else ("", "")
             path = record_path(opts.results_dir, mspec.name, tspec.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             with _record_lock(opts.results_dir, path):
                 done = reusable_record(path, tspec, mspec.name, model, source, opts)
                 if done is not None:
-                    log.info("%s / %s: up to date (%s = %.4f)", mspec.name, tspec.name, done.main_score, done.main_value)
+                    log.info("%s%s / %s: up to date (%s = %.4f)", pair, mspec.name, tspec.name, done.main_score,
+                             done.main_value)
                     records.append(done)
                     continue
-                log.info("%s / %s: running (seeds %s)", mspec.name, tspec.name, list(opts.seeds))
+                log.info("%s%s / %s: running (seeds %s)", pair, mspec.name, tspec.name, list(opts.seeds))
+                start = time.perf_counter()
                 try:
-                    rec: Record = run_one(tspec, source, seeds=opts.seeds, run_config=run_settings(opts))
+                    with progress.scope(f"{mspec.name} / {tspec.name}"):
+                        rec: Record = run_one(tspec, source, seeds=opts.seeds, run_config=run_settings(opts))
                     # a user module's class and preprocessing, a timm model's preprocessing
                     rec.model_info.update(getattr(model, "record_info", None) or {})
-                    log.info("%s / %s: %s = %.4f", mspec.name, tspec.name, rec.main_score, rec.main_value)
+                    log.info("%s%s / %s: %s = %.4f (%.1f s)", finished, mspec.name, tspec.name,
+                             rec.main_score, rec.main_value, time.perf_counter() - start)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # one failing (model, task) must not stop the suite
                     rec = _error_record(mspec.name, tspec, exc)
-                    log.error("%s / %s failed: %s", mspec.name, tspec.name, rec.message)
+                    log.error("%s%s / %s failed: %s", pair, mspec.name, tspec.name, rec.message)
                     # The failed task's frames hold its data loader: free it (and end its worker processes) now.
                     # Left to the garbage collector, a reference cycle through the exception tears the loader
                     # down in arbitrary order and each worker then waits out torch's 5 s shutdown timeout.

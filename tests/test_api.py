@@ -83,7 +83,7 @@ def test_evaluate_then_load_results_and_render(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ docs and README
-DOC_FILES = [REPO / "docs" / "readme_sections.md", REPO / "README.md"]
+DOC_FILES = [REPO / "docs" / "metrics.md", REPO / "README.md"]
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: p.name)
@@ -93,11 +93,12 @@ def test_markdown_examples_run(path: Path) -> None:
     assert result.failed == 0 and result.attempted > 0
 
 
-def test_readme_generated_blocks_are_current() -> None:
-    readme = REPO / "README.md"
-    assert "<!-- BEGIN GENERATED:" in readme.read_text(encoding="utf-8"), "README.md lost its generated blocks"
-    stale = readme_tables.stale_blocks(readme, REPO / "leaderboards" / "results")
-    assert not stale, f"README.md blocks {stale} are out of date: run `python -m prosmin_bench.readme_tables README.md`"
+@pytest.mark.parametrize("name", readme_tables.DEFAULT_FILES)
+def test_generated_blocks_are_current(name: str) -> None:
+    path = REPO / name
+    assert "<!-- BEGIN GENERATED:" in path.read_text(encoding="utf-8"), f"{name} lost its generated blocks"
+    stale = readme_tables.stale_blocks(path, REPO / "leaderboards" / "results")
+    assert not stale, f"{name} blocks {stale} are out of date: run `python -m prosmin_bench.readme_tables`"
 
 
 def test_readme_tables_list_every_registered_task_and_model() -> None:
@@ -111,6 +112,12 @@ def test_readme_tables_list_every_registered_task_and_model() -> None:
     models = readme_tables.models_table()
     for name in prosmin_bench.list_models():
         assert f"| `{name}` " in models
+    # The full tables (docs/catalogue.md) carry each card's description; the README's compact ones do not.
+    full_tasks, full_models = readme_tables.tasks_table(full=True), readme_tables.models_table(full=True)
+    for name in prosmin_bench.list_tasks():
+        assert prosmin_bench.get_task(name).description in full_tasks
+        assert prosmin_bench.get_task(name).description not in readme_tables.tasks_table()
+    assert "| description" in full_models.splitlines()[0] and "description" not in models.splitlines()[0]
 
 
 def test_update_text_replaces_only_the_blocks() -> None:

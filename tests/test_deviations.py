@@ -120,7 +120,7 @@ def test_deviations_and_variant_of_are_not_protocol_so_records_stay_reusable(tmp
     annotated = _spec(tmp_path / "b", "same_task", 'variant_of = "digits_linear"', ONE)
     assert annotated.deviations and annotated.variant_of == "digits_linear"
     assert annotated.protocol == plain.protocol
-    # runner._existing_ok compares vars(build_task(spec).params) with the record's protocol
+    # reuse._existing_ok compares vars(build_task(spec).params) with the record's protocol
     assert vars(build_task(annotated).params) == vars(build_task(plain).params)
     assert not {"deviations", "variant_of"} & set(vars(build_task(annotated).params))
 

@@ -547,7 +547,9 @@ def test_corrupt_result_file_is_reported_then_recomputed(tmp_path, cards_dir, ca
     rec = read_record(bad)
     assert isinstance(rec, ResultRecord) and rec.task == "toy_knn" and 0 <= rec.mean["top1_k5"] <= 1
     assert record_path(res, "random_micro", "toy_knn4").read_bytes() == knn4
-    assert scan(res)[1] == [] and "Unreadable" not in out
+    assert scan(res)[1] == []
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("random_micro ")}
+    assert "  computed (" in rows["toy_knn@1"] and rows["toy_knn4@1"].rstrip().endswith("  reused"), out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ def test_pretrain_out_under_a_file_is_one_line_before_any_work(tmp_path, capsys)
 
 
 def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path, cards_dir, capsys):
-    from prosmin_bench.runner import record_lock_path
+    from prosmin_bench.reuse import record_lock_path
 
     res, victim = tmp_path / "res", tmp_path / "victim.txt"
     victim.write_text("precious")

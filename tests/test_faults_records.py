@@ -21,7 +21,8 @@ from prosmin_bench import evaluate
 from prosmin_bench.errors import ProsminBenchError
 from prosmin_bench.paths import record_path
 from prosmin_bench.results import RUN_CONFIG_DEFAULTS, ResultRecord, dumps, read_record, scan
-from prosmin_bench.runner import RunOptions, _existing_ok, run_settings
+from prosmin_bench.reuse import _existing_ok, run_settings
+from prosmin_bench.runner import RunOptions
 from prosmin_bench.tasks import get_task_spec
 from test_faults import (  # noqa: F401  (fixtures)
     PREFIX, assert_one_line_error, cards_dir, cli, json_files, make_toy, no_forward,
@@ -410,7 +411,8 @@ def test_malformed_record_is_listed_then_recomputed(toy, cards_dir, capsys, chan
     assert f"ignoring unreadable result file {path} ({path}: {reason}" in err and "it will be recomputed" in err
     rec = read_record(path)
     assert isinstance(rec, ResultRecord) and rec.seeds == [0] and scan(res)[1] == []
-    assert UNREADABLE not in out and "toy_knn@1" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("random_micro ")]  # run's console table
+    assert row.split()[1] == "toy_knn@1" and "  computed (" in row, out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,13 @@ def _main(argv):
     return code, out.getvalue(), err.getvalue()
 
 
+def _table_rows(out):
+    """The rows of run's console table, split at its column gaps (two spaces or more)."""
+    import re
+
+    return [re.split(r"\s{2,}", line.strip()) for line in out.splitlines() if line.startswith(f"{MODEL} ")]
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     """The two pairs evaluated with ``--launcher local`` and in this process, each with its own cache."""
@@ -56,7 +63,10 @@ def test_local_jobs_give_the_in_process_records_and_page(grid):
     for key in local:
         assert {k: local[key][k] for k in SAME} == {k: serial[key][k] for k in SAME}
         assert local[key]["record_type"] == "result"
-    assert runs["local"][1] == runs["serial"][1]  # the same leaderboard, printed the same way
+    # the same console table (up to the wall times and the results folder), every pair computed by this run
+    local_rows, serial_rows = (_table_rows(runs[k][1]) for k in ("local", "serial"))
+    assert [r[:-1] for r in local_rows] == [r[:-1] for r in serial_rows] and len(local_rows) == len(TASKS)
+    assert all(r[-1].startswith("computed (") for r in local_rows + serial_rows), runs["local"][1]
     logs = sorted(p.name for p in (root / "local" / ".submitit").iterdir())
     assert sum(n.endswith("_0_log.err") for n in logs) == 2  # one job per (model, task), logs beside the results
 
@@ -66,7 +76,7 @@ def test_current_records_are_not_submitted(grid, monkeypatch):
     before = (root / "local").joinpath(MODEL, f"{TASKS[0]}.json").read_bytes()
     monkeypatch.setattr(launcher, "make_executor", lambda *a, **k: pytest.fail("submitted a job"))
     code, out, _ = _main([*RUN, "--results", str(root / "local"), "--launcher", "local"])
-    assert code == 0 and "digits_linear@" in out
+    assert code == 0 and [(r[1], r[-1]) for r in _table_rows(out)] == [(f"{t}@2", "reused") for t in TASKS], out
     assert (root / "local").joinpath(MODEL, f"{TASKS[0]}.json").read_bytes() == before
 
 

@@ -194,7 +194,7 @@ def test_solver_field_is_checked_and_records_without_it_count_as_sklearn():
 
     from prosmin_bench.errors import CardError
     from prosmin_bench.results import read_record
-    from prosmin_bench.runner import _existing_ok, run_settings
+    from prosmin_bench.reuse import _existing_ok, run_settings
     from prosmin_bench.tasks import get_task_spec
 
     assert _task({"fraction": 0.1}).params.solver == "sklearn"

@@ -54,8 +54,9 @@ def test_reliability_bars_are_the_per_bin_accuracies() -> None:
     fig = plots.figure(spec, records)
     ax = fig.axes[0]
     acc, counts = loop_bins(probs, labels, 15)
-    bars = ax.patches[: sum(c > 0 for c in counts)]  # accuracy bars are drawn first, one per non-empty bin
-    drawn = {round(p.get_x() * 15): p.get_height() for p in bars}
+    # one stack per non-empty bin: the accuracy up to the confidence, then the accuracy above it (under-confidence)
+    base, under = ax.containers[0].patches, ax.containers[1].patches
+    drawn = {round(p.get_x() * 15): p.get_height() + q.get_height() for p, q in zip(base, under)}
     expected = {b: a for b, (a, n) in enumerate(zip(acc, counts)) if n > 0}
     assert drawn.keys() == expected.keys()
     for b in expected:
@@ -103,6 +104,17 @@ def test_knn_lines_follow_k_in_numeric_order() -> None:
     assert ax.get_xscale() == "log" and "k" in ax.get_xlabel() and "%" in ax.get_ylabel()
 
 
+def step_heights(vertices: np.ndarray, edges: np.ndarray) -> list[float]:
+    """The height of a step outline over each bin: its vertex at the bin's left edge with the largest y (a step
+    outline passes each edge twice, at the heights of the bins on either side)."""
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        on_left = vertices[np.isclose(vertices[:, 0], a)][:, 1]
+        on_right = vertices[np.isclose(vertices[:, 0], b)][:, 1]
+        out.append(float(np.intersect1d(np.round(on_left, 9), np.round(on_right, 9)).max()))
+    return out
+
+
 def test_ood_histograms_are_normalised_per_distribution() -> None:
     rng = np.random.default_rng(0)
     edges = np.linspace(0, 1, 11)
@@ -113,12 +125,40 @@ def test_ood_histograms_are_normalised_per_distribution() -> None:
     records = [rec("m", {"msp_hist": h}, mean={"auroc": 0.9})]
     records[0].datasets = {"train": "digits:train", "test": "digits:test", "ood": "digits_o:test"}
     (spec,) = plots.plan(records)
-    ax = plots.figure(spec, records).axes[0]
-    stairs = [p for p in ax.patches if ", n = " in p.get_label()]
-    heights = {p.get_label().split(",")[0]: p.get_data().values for p in stairs}
-    assert heights["in-distribution (digits:test)"] == pytest.approx(100 * id_counts / id_counts.sum())
-    assert heights["OOD (digits_o:test)"] == pytest.approx(100 * ood_counts / ood_counts.sum())
+    fig = plots.figure(spec, records)
+    ax = fig.axes[0]
+    (id_fill,) = [c for c in ax.collections if c.get_label() == "in-distribution (digits:test), n = 500"]
+    (ood_line,) = [line for line in ax.get_lines() if line.get_label() == "OOD (digits_o:test), n = 120"]
+    assert step_heights(id_fill.get_paths()[0].vertices, edges) == pytest.approx(100 * id_counts / 500)
+    assert list(ood_line.get_ydata()[:10]) == pytest.approx(100 * ood_counts / 120)
     assert "AUROC = 90.00%" in ax.get_title()
+    assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == [id_fill.get_label(), ood_line.get_label()]
+
+
+def test_ood_kde_is_scipys_weighted_kde_and_only_where_it_fits() -> None:
+    from scipy.stats import gaussian_kde
+
+    from prosmin_bench.plots.draw_ood import kde_fits
+
+    edges = np.linspace(0, 1, 11)
+    centres = (edges[:-1] + edges[1:]) / 2
+    spread = {"id": [0, 2, 5, 9, 14, 20, 22, 16, 8, 4], "ood": [12, 20, 22, 18, 12, 8, 5, 2, 1, 0]}
+    h = {k: {"edges": edges.tolist(), "counts": v} for k, v in spread.items()}
+    records = [rec("m", {"msp_hist": h})]
+    (spec,) = plots.plan(records)
+    ax = plots.figure(spec, records).axes[0]
+    kdes = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(kdes) == 2
+    for line, key in zip(kdes, ("id", "ood")):
+        counts = np.array(spread[key], float)
+        # seaborn scales the density to the histogram's percent: density * bin width * 100
+        expected = gaussian_kde(centres, weights=counts)(line.get_xdata()) * 0.1 * 100
+        assert line.get_ydata() == pytest.approx(expected, rel=1e-6)
+    # MSP piled in the last bin: no KDE (it would smear the spike into a hump)
+    assert kde_fits(spread["id"]) and not kde_fits([0, 0, 1, 2, 3, 4, 5, 6, 10, 90])
+    h["id"]["counts"] = [0, 0, 1, 2, 3, 4, 5, 6, 10, 90]
+    ax = plots.figure(spec, records).axes[0]
+    assert not [line for line in ax.get_lines() if line.get_linestyle() == "--"]
 
 
 def test_corruption_bars_in_canonical_order_and_severity_means() -> None:

@@ -138,11 +138,13 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
         assert not res.exists() or not any(res.rglob("*.json"))
 
 
-def test_cli_run_prints_a_leaderboard_and_debug_shows_tracebacks(tmp_path, capsys):
+def test_cli_run_prints_its_pairs_and_debug_shows_tracebacks(tmp_path, capsys):
     res = tmp_path / "res"
     assert main(["-q", "run", "--model", "random_micro", "--task", "digits_knn", "--results", str(res)]) == 0
     out = capsys.readouterr().out
-    assert "digits_knn@2" in out and "random_micro" in out
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("random_micro ")]  # the console table
+    assert row[:3] == ["random_micro", "digits_knn@2", "top1_k20"] and row[-3] == "computed"
+    assert f"prosmin-bench leaderboard --results {res}" in out  # where the full page is
     proc = subprocess.run([sys.executable, "-m", "prosmin_bench", "--debug", "run", "--model", "nope", "--task",
                            "digits_knn", "--results", str(res)], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -18,15 +18,14 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torchvision import transforms as T
-from tqdm.auto import tqdm
 
+from .. import progress
 from ..atomic import atomic_path
 from ..errors import DataError
 from ..metrics import CORRUPTIONS
@@ -72,7 +71,7 @@ class ImageNetCBuild:
     crop: int = 224  # make_imagenet_c.py: trn.CenterCrop(224)
     jpeg_quality: int = 85  # make_imagenet_c.py: save(..., quality=85, optimize=True)
     seed: int = 0
-    progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
+    progress: bool | None = None  # None: the package's progress policy (prosmin_bench.progress); False: none
 
 
 @dataclass
@@ -144,10 +143,10 @@ def build_imagenet_c(opts: ImageNetCBuild) -> BuildReport:
     jobs, skipped, n_src = _jobs(opts, out_root)
     total = sum(len(t) for _, _, t in jobs)
     log.info("ImageNet-C: %d val images, %d files to write, %d already present (%s)", n_src, total, skipped, out_root)
-    progress = sys.stderr.isatty() if opts.progress is None else opts.progress
     args = [(p, rel, todo, opts.resize, opts.crop, opts.jpeg_quality, opts.seed) for p, rel, todo in jobs]
     written = 0
-    bar = tqdm(total=total, desc="imagenet-c", unit="img", disable=not progress)
+    bar = progress.bar(total=total, desc="imagenet-c", unit="img", enabled=opts.progress)
+    shown = not bar.disable  # else a log line every 5% (with --progress off and no -q)
     step = max(total // 20, 1)
     try:
         if opts.workers == 1 or len(args) <= 1:
@@ -155,7 +154,7 @@ def build_imagenet_c(opts: ImageNetCBuild) -> BuildReport:
             for n in results:
                 written += n
                 bar.update(n)
-                if not progress and written // step != (written - n) // step:
+                if not shown and written // step != (written - n) // step:
                     log.info("ImageNet-C: %d / %d files written", written, total)
         else:
             # spawn: workers start clean (no inherited torch threads or CUDA state)
@@ -163,7 +162,7 @@ def build_imagenet_c(opts: ImageNetCBuild) -> BuildReport:
                 for n in pool.imap_unordered(_process_image, args, chunksize=4):
                     written += n
                     bar.update(n)
-                    if not progress and written // step != (written - n) // step:
+                    if not shown and written // step != (written - n) // step:
                         log.info("ImageNet-C: %d / %d files written", written, total)
     finally:
         bar.close()

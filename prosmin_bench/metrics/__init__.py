@@ -19,11 +19,14 @@ from prosmin_bench.metrics.collapse import dims_for_variance, effective_rank, pe
 from prosmin_bench.metrics.info import MetricInfo
 from prosmin_bench.metrics.names import higher_is_better, metric_info, parse_metric_name
 from prosmin_bench.metrics.ood import (
+    average_roc_curves,
+    compact_roc,
     energy_confidence,
     knn_distance_confidence,
     max_logit_confidence,
     msp_confidence,
     ood_metrics,
+    ood_roc_curve,
 )
 from prosmin_bench.metrics.robustness import (
     ALEXNET_CLEAN_ERROR,
@@ -36,7 +39,11 @@ from prosmin_bench.metrics.robustness import (
     relative_mean_corruption_error,
 )
 from prosmin_bench.metrics.temperature import fit_temperature, temperature_nll, temperature_scale
-from prosmin_bench.metrics.uncertainty import misclassification_auroc, spearman_uncertainty_error
+from prosmin_bench.metrics.uncertainty import (
+    misclassification_auroc,
+    spearman_uncertainty_error,
+    uncertainty_error_bins,
+)
 
 __all__ = [
     "ALEXNET_CLEAN_ERROR",
@@ -47,7 +54,9 @@ __all__ = [
     "MetricInfo",
     "ScoreSamples",
     "accuracy",
+    "average_roc_curves",
     "bootstrap_ci",
+    "compact_roc",
     "corruption_errors",
     "dims_for_variance",
     "ece_from_bins",
@@ -64,6 +73,7 @@ __all__ = [
     "msp_confidence",
     "negative_log_likelihood",
     "ood_metrics",
+    "ood_roc_curve",
     "paired_bootstrap_ci",
     "parse_metric_name",
     "per_dim_std",
@@ -75,6 +85,7 @@ __all__ = [
     "spectrum",
     "temperature_nll",
     "temperature_scale",
+    "uncertainty_error_bins",
 ]
 
 

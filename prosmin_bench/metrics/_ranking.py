@@ -52,3 +52,15 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     recall = true_pos / true_pos[-1]
     recall_step = np.diff(np.concatenate([[0.0], recall]))
     return float(np.sum(recall_step * precision))
+
+
+def roc_points(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ROC curve: false and true positive rates [T + 1] at each distinct threshold, highest first, with
+    (0, 0) prepended and (1, 1) last; tied scores enter together, so its trapezoid area is :func:`auroc`
+    (``sklearn.metrics.roc_curve(positive, scores, drop_intermediate=False)``)."""
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    last_of_run = np.append(np.flatnonzero(np.diff(sorted_scores) != 0), sorted_scores.shape[0] - 1)
+    true_pos = np.cumsum(positive[order].astype(np.float64))[last_of_run]
+    false_pos = last_of_run + 1.0 - true_pos
+    return (np.concatenate([[0.0], false_pos / false_pos[-1]]), np.concatenate([[0.0], true_pos / true_pos[-1]]))

@@ -7,6 +7,7 @@ detection metrics treat OOD as the positive class scored by -confidence (Hendryc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ KNN_BLOCK_ELEMENTS = 2**24
 #: Floor on feature norms before L2 normalisation (torch.nn.functional.normalize's default eps), so an all-zero
 #: feature row stays zero instead of becoming NaN.
 NORM_EPS = 1e-12
+#: Points of a compact ROC curve in result records (:func:`compact_roc`).
+ROC_POINTS = 101
 
 
 def _fpr_at_95_tpr(id_conf: np.ndarray, ood_conf: np.ndarray) -> float:
@@ -69,6 +72,99 @@ def ood_metrics(id_confidence: Any, ood_confidence: Any) -> dict[str, float]:
         "aupr_out": _ranking.average_precision(-scores, is_ood),
         "fpr95": _fpr_at_95_tpr(id_conf, ood_conf),
     }
+
+
+def ood_roc_curve(id_confidence: Any, ood_confidence: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ROC curve of :func:`ood_metrics`' ``auroc``: OOD positive, scored by -confidence.
+
+    id_confidence [N_id], ood_confidence [N_ood] -> (fpr [T + 1], tpr [T + 1]): the fraction of ID samples (fpr) and
+    of OOD samples (tpr) flagged as OOD at each of the T distinct confidence thresholds, from (0, 0) to (1, 1)
+    (``sklearn.metrics.roc_curve(is_ood, -confidence, drop_intermediate=False)``). Tied confidences enter together,
+    so the trapezoid area of the polyline is ``ood_metrics(...)["auroc"]`` exactly.
+
+    >>> fpr, tpr = ood_roc_curve([0.9, 0.8, 0.7, 0.6], [0.65, 0.1])
+    >>> fpr.tolist(), tpr.tolist()
+    ([0.0, 0.0, 0.25, 0.25, 0.5, 0.75, 1.0], [0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0])
+    """
+    id_conf = as_float_array(id_confidence, "id_confidence", ndim=1)
+    ood_conf = as_float_array(ood_confidence, "ood_confidence", ndim=1)
+    is_ood = np.concatenate([np.zeros(id_conf.shape[0], bool), np.ones(ood_conf.shape[0], bool)])
+    return _ranking.roc_points(-np.concatenate([id_conf, ood_conf]), is_ood)
+
+
+def _check_curve(fpr: Any, tpr: Any) -> tuple[np.ndarray, np.ndarray]:
+    f = as_float_array(fpr, "fpr", ndim=1)
+    t = as_float_array(tpr, "tpr", ndim=1)
+    if f.shape != t.shape or f.shape[0] < 2:
+        raise MetricArgumentError(
+            f"Expected `fpr` and `tpr` of one length >= 2, but got lengths {f.shape[0]} and {t.shape[0]}"
+        )
+    if np.any(np.diff(f) < 0) or np.any(np.diff(t) < 0) or f[0] != 0 or t[0] != 0 or f[-1] != 1 or t[-1] != 1:
+        raise MetricArgumentError("Expected a ROC curve: `fpr` and `tpr` non-decreasing from (0, 0) to (1, 1), but got "
+                                  f"({f[0]:g}, {t[0]:g}) ... ({f[-1]:g}, {t[-1]:g}), not monotone or not ending there")
+    return f, t
+
+
+def _tpr_at(f: np.ndarray, t: np.ndarray, x: np.ndarray, side: str) -> np.ndarray:
+    """TPR of the polyline (f, t) at each FPR ``x``: the lowest ("left") or highest ("right") point where the
+    curve rises vertically at ``x``, linear interpolation elsewhere."""
+    last = f.shape[0] - 1
+    if side == "right":
+        i = np.searchsorted(f, x, side="right") - 1
+        j = np.minimum(i + 1, last)
+    else:
+        j = np.searchsorted(f, x, side="left")
+        i = np.maximum(j - 1, 0)
+    span = f[j] - f[i]
+    w = np.divide(x - f[i], span, out=np.full(x.shape, 0.0 if side == "right" else 1.0), where=span > 0)
+    return t[i] + w * (t[j] - t[i])
+
+
+def average_roc_curves(curves: Sequence[tuple[Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Vertical average of ROC curves (Fawcett, "An introduction to ROC analysis", Pattern Recognition Letters
+    27, 2006, Sec. 8.1): the mean TPR at every FPR, e.g. over the class splits of open-set recognition.
+
+    ``curves``: (fpr, tpr) polylines, each non-decreasing from (0, 0) to (1, 1). The average is exact at the union
+    of their FPR breakpoints (a vertical rise at one FPR is kept as one, between the mean TPRs just before and just
+    after it) and linear between them, so its trapezoid area is the mean of the curves' areas.
+
+    >>> fpr, tpr = average_roc_curves([([0, 0, 1], [0, 1, 1]), ([0, 1, 1], [0, 0, 1])])
+    >>> fpr.tolist(), tpr.tolist()
+    ([0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0])
+    """
+    checked = [_check_curve(f, t) for f, t in curves]
+    if not checked:
+        raise MetricArgumentError("Expected at least one ROC curve to average, but got none")
+    x = np.unique(np.concatenate([f for f, _ in checked]))
+    below = np.mean([_tpr_at(f, t, x, "left") for f, t in checked], axis=0)
+    above = np.mean([_tpr_at(f, t, x, "right") for f, t in checked], axis=0)
+    fpr, tpr = np.repeat(x, 2), np.column_stack([below, above]).ravel()
+    keep = np.concatenate([[True], (np.diff(fpr) != 0) | (np.diff(tpr) != 0)])  # drop repeated points
+    return fpr[keep], tpr[keep]
+
+
+def compact_roc(fpr: Any, tpr: Any, n_points: int = ROC_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """A ROC polyline resampled at ``n_points`` points evenly spaced along its path, fpr + tpr from 0 to 2.
+
+    fpr, tpr [T] (non-decreasing from (0, 0) to (1, 1), e.g. :func:`ood_roc_curve`) -> (fpr [n], tpr [n]), a fixed
+    size for result records whatever the number of samples. Spacing by fpr + tpr rather than by fpr alone keeps
+    points on the steep start of a good detector's curve, where a fixed FPR grid would cut the corner: with 101
+    points the area stays within 1e-3 of the exact one on Gaussian scores with 3 to 10,000 samples per side, with
+    and without ties (tests/test_plot_extras.py; 5e-4 at worst over 2,000 such draws), where a 101-point FPR grid
+    was off by up to 1.7e-3.
+
+    >>> f, t = compact_roc([0.0, 0.0, 1.0], [0.0, 1.0, 1.0], n_points=5)
+    >>> f.tolist(), t.tolist()
+    ([0.0, 0.0, 0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 1.0, 1.0])
+    """
+    f, t = _check_curve(fpr, tpr)
+    n = positive_int(n_points, "n_points")
+    if n < 2:
+        raise MetricArgumentError(f"Expected `n_points` >= 2 (both ends of the curve), but got {n}")
+    path = f + t  # strictly increasing once repeated points are dropped
+    keep = np.concatenate([[True], np.diff(path) > 0])
+    grid = np.linspace(0.0, 2.0, n)
+    return np.interp(grid, path[keep], f[keep]), np.interp(grid, path[keep], t[keep])
 
 
 def msp_confidence(logits: Any) -> np.ndarray:

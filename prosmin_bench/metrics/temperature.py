@@ -18,8 +18,12 @@ that carry no information about the labels return the upper end.
 
 Why not netcal's ``TemperatureScaling``: it fits probabilities, not logits (it takes log(clip(p, eps, 1 - eps))
 as its logits, so probabilities that round to 0 or 1 lose their logit), it returns 1/T as its "temperature", and
-importing it costs about 4 s (it imports torch, pyro and scikit-learn) while this package imports nothing heavier
-than numpy and scipy. ``tests/test_temperature.py`` uses netcal as the independent reference instead.
+importing it costs about 3 s (it imports torch, pyro and gpytorch) while this package imports nothing heavier
+than numpy and scipy. On a sharp head (a nearly unregularised softmax regression on scikit-learn's digits, held-out
+probabilities down to 1e-74) its T was 4.38 against the NLL minimum's 4.73, its held-out NLL 0.1351 against 0.1345,
+and its fit took 12x as long. ``tests/test_temperature.py`` uses netcal as the independent reference instead
+(agreement to 1e-4 in T where no probability is clipped; the sharp case above); netcal is in the ``[test]`` extra,
+not a runtime dependency.
 """
 
 from __future__ import annotations

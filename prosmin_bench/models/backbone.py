@@ -160,21 +160,26 @@ class Backbone(nn.Module):
         return torch.cat(self._last_blocks_cls(images, n), dim=-1)
 
     def _last_blocks_cls(self, images: torch.Tensor, n: int) -> list[torch.Tensor]:
-        """Final-norm CLS token of each of the last ``n`` blocks (DINO eval_linear ``n_last_blocks``): [N, D] each."""
+        """Final-norm CLS token of each of the last ``n`` blocks, [N, D] each: DINO eval_linear.py's
+        ``n_last_blocks`` features (facebookresearch/dino eval_linear.py lines 166-167: ``x[:, 0]`` of each output
+        of ``get_intermediate_layers(inp, n)``, which passes each of the last n blocks' outputs through the final
+        ``self.norm``, vision_transformer.py lines 225-233).
+
+        timm's public ``forward_intermediates`` runs the same stem as ``forward_features`` (patch_embed,
+        ``_pos_embed``, so a subclass's position rule such as ``architectures.DinoPosEmbedViT`` applies, patch_drop,
+        norm_pre), then the blocks; ``norm=True`` applies the final norm to each taken output."""
         net = self.net
         depth = len(net.blocks)
         if n > depth:
             raise ProsminBenchError(f"Expected n_last_blocks <= depth {depth}, but got {n}")
-        x = net.patch_embed(images)
-        x = net._pos_embed(x)
-        x = net.patch_drop(x) if hasattr(net, "patch_drop") else x
-        x = net.norm_pre(x) if hasattr(net, "norm_pre") else x
-        outs = []
-        for i, blk in enumerate(net.blocks):
-            x = blk(x)
-            if i >= depth - n:
-                outs.append(net.norm(x)[:, 0])
-        return outs
+        if not hasattr(net, "forward_intermediates") or getattr(net, "cls_token", None) is None:
+            raise ProsminBenchError(
+                f"Feature layer 'cls_last{n}' needs a ViT with a [CLS] token and timm's forward_intermediates, which "
+                f"{type(net).__name__} of {self.spec.name!r} lacks; use layer 'cls' or 'avgpool'"
+            )
+        taken = net.forward_intermediates(images, indices=n, norm=True, output_fmt="NLC", intermediates_only=True,
+                                          return_prefix_tokens=True)
+        return [prefix[:, 0] for _, prefix in taken]  # each (patch tokens [N, P, D], prefix tokens [N, 1+R, D])
 
     def predictive(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [N, 3, H, W] -> (mu [N, K], sigma [N, K]) of the online predictive distribution."""

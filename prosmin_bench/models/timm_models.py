@@ -40,7 +40,7 @@ def pretrained_cfg(arch: str) -> dict[str, Any]:
     from timm.models import get_pretrained_cfg
 
     if arch.startswith(HF_HUB_PREFIX):
-        from timm.models._hub import load_model_config_from_hf
+        from timm.models import load_model_config_from_hf
 
         try:
             cfg_hf, _, _ = load_model_config_from_hf(arch[len(HF_HUB_PREFIX):])

@@ -84,6 +84,44 @@ def _valid_spectrum(v: Any) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(finite(x) and x >= 0 for x in v) and max(v) > 0
 
 
+def _rate_list(v: Any, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(finite(x) and 0 <= x <= 1 for x in v)
+
+
+def _valid_roc(v: Any) -> bool:
+    if not isinstance(v, Mapping) or not v:
+        return False
+    for curve in v.values():
+        if not isinstance(curve, Mapping) or not isinstance(curve.get("fpr"), list):
+            return False
+        fpr, tpr = curve["fpr"], curve.get("tpr")
+        if len(fpr) < 2 or not _rate_list(fpr, len(fpr)) or not _rate_list(tpr, len(fpr)):
+            return False
+        if any(b < a for a, b in zip(fpr, fpr[1:])) or any(b < a for a, b in zip(tpr, tpr[1:])):
+            return False
+    return True
+
+
+def _valid_sigma_bins(v: Any) -> bool:
+    if not isinstance(v, Mapping) or not isinstance(v.get("count"), list) or not v["count"]:
+        return False
+    n = len(v["count"])
+    if not all(finite(c) and c >= 0 for c in v["count"]) or sum(v["count"]) <= 0 or not _rate_list(v.get("error"), n):
+        return False
+    return all(k not in v or (isinstance(v[k], list) and len(v[k]) == n and all(finite(x) for x in v[k]))
+               for k in ("uncertainty", "lower", "upper"))
+
+
+def extras_value(extras: Any, key: str) -> Any:
+    """``extras[key]``, following dots into nested mappings (``"sigma_vs_error.bins"``); None where absent."""
+    value = extras
+    for part in key.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
 def grid(n: int) -> tuple[int, int]:
     """(rows, columns) of a small-multiple figure of ``n`` panels."""
     cols = min(n, PANELS_PER_ROW)
@@ -102,28 +140,34 @@ class PlotKind:
     size: Callable[[int], tuple[float, float]]  # number of models -> (width, height) in inches
 
 
-def _small_multiples(per_row_height: float) -> Callable[[int], tuple[float, float]]:
+def _small_multiples(per_row_height: float, legend: float = 0.0) -> Callable[[int], tuple[float, float]]:
+    """Figure size of one panel per model, ``legend`` inches added for a figure legend below the panels."""
+
     def size(n: int) -> tuple[float, float]:
         rows, cols = grid(n)
-        return max(3.6 * cols, 6.5), per_row_height * rows + 0.7
+        return max(3.6 * cols, 6.5), per_row_height * rows + 0.7 + legend
 
     return size
 
 
-#: Plot kinds in the order they appear in a task section.
+#: Plot kinds in the order they appear in a task section. Legends sit outside the axes (sizes leave room).
 PLOT_KINDS: tuple[PlotKind, ...] = (
     PlotKind("knn_k", "top1_by_k", _valid_top1_by_k, "k-NN top-1 accuracy vs k",
-             lambda n: (6.5, 4.2)),
+             lambda n: (8.4, 4.2)),
     PlotKind("reliability", "reliability", _valid_reliability, "reliability diagrams",
-             _small_multiples(4.4)),
+             _small_multiples(4.4, legend=0.5)),
+    PlotKind("sigma_error", "sigma_vs_error.bins", _valid_sigma_bins,
+             "top-1 error vs predictive sigma", lambda n: (11.5, 4.4)),
     PlotKind("ood_hist", "msp_hist", _valid_msp_hist, "confidence histograms, ID vs OOD",
-             _small_multiples(3.4)),
+             _small_multiples(3.4, legend=0.5)),
+    PlotKind("ood_roc", "roc", _valid_roc, "ROC curves of every OOD score, OOD as the positive class",
+             _small_multiples(4.7)),
     PlotKind("corruption", "errors", _valid_corruption_errors,
-             "top-1 error per corruption and severity", lambda n: (11.0, 2.9 * n + 1.3)),
+             "top-1 error per corruption and severity", lambda n: (11.0, 2.9 * n + 1.6)),
     PlotKind("severity", "errors", _valid_corruption_errors,
-             "top-1 error vs corruption severity", lambda n: (6.5, 4.2)),
+             "top-1 error vs corruption severity", lambda n: (9.6, 4.6)),
     PlotKind("spectrum", "spectrum", _valid_spectrum,
-             "singular values of the embeddings", lambda n: (6.5, 4.2)),
+             "singular values of the embeddings", lambda n: (8.0, 4.6 + 0.2 * math.ceil(n / 2))),
 )
 KINDS = {k.name: k for k in PLOT_KINDS}
 
@@ -135,7 +179,7 @@ def plan(records: Sequence[Any]) -> list[PlotSpec]:
     malformed value are left out of that figure.
 
     >>> plan([]), [k.name for k in PLOT_KINDS]
-    ([], ['knn_k', 'reliability', 'ood_hist', 'corruption', 'severity', 'spectrum'])
+    ([], ['knn_k', 'reliability', 'sigma_error', 'ood_hist', 'ood_roc', 'corruption', 'severity', 'spectrum'])
     """
     if not records:
         return []
@@ -144,7 +188,7 @@ def plan(records: Sequence[Any]) -> list[PlotSpec]:
     for kind in PLOT_KINDS:
         models = []
         for r in sorted(records, key=lambda r: r.model):
-            value = r.extras.get(kind.extras_key) if isinstance(r.extras, Mapping) else None
+            value = extras_value(r.extras, kind.extras_key)
             if value is None:
                 continue
             if kind.valid(value):

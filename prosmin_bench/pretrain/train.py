@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,12 +21,12 @@ from typing import Any
 
 import timm
 import torch
-from tqdm import tqdm
 
 from .. import distributed
 from ..atomic import atomic_write_text
 from ..devices import resolve_device
 from ..errors import PretrainError
+from ..progress import bar as progress_bar
 from . import checkpoint as ckpt_io
 from .config import PretrainConfig
 from .data import PretrainData
@@ -183,7 +182,8 @@ class Pretrainer:
         # collapse statistics of the target's own outputs (forward hooks: no extra forward); logging rank only
         monitor = CollapseMonitor(cfg.run.monitor_every if self.is_main else 0, cfg.run.collapse_warn_fraction)
         monitor.watch(target_modules(method))
-        bar = _progress_bar(self.is_main, total, step)
+        # rank 0 only (progress.py); with progress off, a log line every 5% of the run instead
+        bar = progress_bar(desc="pretrain", total=total, initial=step, unit="step", dynamic_ncols=True)
         logf = open(self.log_path, "a") if self.is_main else None
         log_every_plain = max(1, (end - step) // 20)
         stop = DeferredStop().install()
@@ -241,9 +241,9 @@ class Pretrainer:
                     if (step - 1) % cfg.run.log_every_steps == 0 or step == end or collapse:
                         logf.write(json.dumps(record) + "\n")
                         logf.flush()
-                    if bar is not None:
+                    if not bar.disable:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+                        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
                     elif (step - 1) % log_every_plain == 0 or step == end:
                         log.info("step %d/%d loss %.5f lr %.3g %.0f img/s", step, total, stats["loss"], lr, ips)
                 periodic = step % cfg.run.checkpoint_every_steps == 0 or step == end
@@ -261,8 +261,7 @@ class Pretrainer:
             monitor.close()
             if logf is not None:
                 logf.close()
-            if bar is not None:
-                bar.close()
+            bar.close()
         return self.ckpt_path
 
 
@@ -321,9 +320,3 @@ def _versions() -> dict[str, str]:
     except PackageNotFoundError:  # running from a checkout that is not installed
         own = "unknown"
     return {"torch": str(torch.__version__), "timm": str(timm.__version__), "prosmin-bench": own}
-
-
-def _progress_bar(is_main: bool, total: int, initial: int):
-    if not is_main or not sys.stderr.isatty():
-        return None
-    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)

@@ -18,6 +18,9 @@ Baselines (``baseline``):
   CE is defined. (A logistic regression on raw pixels was rejected: it averages the noise away and is not hurt by
   shot_noise or pixelate at all, which leaves relative mCE undefined.)
 
+Extras: ``errors`` (per corruption, severities 1..5), ``ce``, ``relative_ce``, the ``baseline``'s name and errors,
+``classes`` (C, the head's outputs) and ``chance_error`` (1 - 1/C, a uniform guess), for the corruption plots.
+
 ImageNet-C images are stored at 224 px (Resize 256 + CenterCrop 224 at generation), so with ``resize = false``
 features are extracted with the model's preprocessing minus its resize (CenterCrop + normalise only).
 """
@@ -270,6 +273,8 @@ class CorruptionTask(Task):
                          "clean_error": base_clean},
             "relative_undefined_for": undefined,
             "head": {"task": shared.task.name, "lr": shared.head.lr, "val_top1": shared.head.val_top1},
+            # the error of a uniform guess over the head's C classes: the corruption plots' chance line
+            "classes": int(shared.num_classes), "chance_error": 1.0 - 1.0 / shared.num_classes,
         }
         samples = mce_samples(wrong_counts, base_errors) if self.spec.main_score == "mce" else None
         return TaskOutput(metrics, extras, ScoreSamples.mean("mce", samples) if samples is not None else None)

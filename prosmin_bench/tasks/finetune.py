@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
-from tqdm.auto import tqdm
 
+from .. import progress
 from ..errors import CardError, ProsminBenchError
 from ..settings import PRECISIONS
 from .base import BackboneFace
@@ -288,8 +287,7 @@ def _finetune(backbone: BackboneFace, train_set: Any, train_labels: np.ndarray, 
     best_epoch = 0
     history: list[dict[str, float]] = []
     step = 0
-    progress = sys.stderr.isatty()
-    for epoch in tqdm(range(1, p.epochs + 1), desc=desc, disable=not progress, leave=False):
+    for epoch in progress.bar(range(1, p.epochs + 1), desc=desc, unit="epoch"):
         model.train()
         running = 0.0
         for images, y in loader:

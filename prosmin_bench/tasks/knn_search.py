@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import progress
 from ..errors import FeatureError
 from ..settings import KNN_BACKENDS, EvalSettings
 
@@ -284,21 +285,29 @@ def _merge(best_s: torch.Tensor, best_i: torch.Tensor, sims: torch.Tensor, offse
     return top, torch.cat([best_i, i + offset], 1).gather(1, pos)
 
 
+def _progress(n_test: int, qc: int, n_train: int) -> Any:
+    """A progress bar over the similarity blocks, counted in bank rows (each query block scans the whole bank)."""
+    return progress.bar(desc=f"k-NN search, {n_test} queries x {n_train} bank rows", total=-(-n_test // qc) * n_train,
+                        unit="row", unit_scale=True)
+
+
 def _dense(bank: _Rows, queries: _Rows, plan: TopkPlan, dev: torch.device, excluded: torch.Tensor | None,
            out_s: torch.Tensor, out_i: torch.Tensor) -> None:
     """Each query chunk against the whole normalised bank: one similarity block, one top-k."""
     n_train, n_test, qc = bank.n, queries.n, plan.query_chunk
     whole = F.normalize(bank.read(0, n_train, dev), dim=1)
     sims_buf = torch.empty(qc * n_train, device=dev)  # reused by every chunk (fresh large allocations page-fault)
-    for qs in range(0, n_test, qc):
-        qe = min(qs + qc, n_test)
-        q = F.normalize(queries.read(qs, qe, dev), dim=1)
-        sims = torch.mm(q, whole.T, out=sims_buf[: (qe - qs) * n_train].view(qe - qs, n_train))
-        if excluded is not None:
-            sims[:, excluded] = -math.inf
-        s, i = sims.topk(plan.k, dim=1)
-        out_s[qs:qe] = s.cpu()
-        out_i[qs:qe] = i.cpu()
+    with _progress(n_test, qc, n_train) as bar:
+        for qs in range(0, n_test, qc):
+            qe = min(qs + qc, n_test)
+            q = F.normalize(queries.read(qs, qe, dev), dim=1)
+            sims = torch.mm(q, whole.T, out=sims_buf[: (qe - qs) * n_train].view(qe - qs, n_train))
+            if excluded is not None:
+                sims[:, excluded] = -math.inf
+            s, i = sims.topk(plan.k, dim=1)
+            out_s[qs:qe] = s.cpu()
+            out_i[qs:qe] = i.cpu()
+            bar.update(n_train)
 
 
 def _stream(bank: _Rows, queries: _Rows, plan: TopkPlan, dev: torch.device, excluded: torch.Tensor | None,
@@ -308,27 +317,29 @@ def _stream(bank: _Rows, queries: _Rows, plan: TopkPlan, dev: torch.device, excl
     # One similarity buffer and one mask buffer, reused by every block (fresh large allocations page-fault).
     sims_buf = torch.empty(qc * bc, device=dev)
     mask_buf = torch.empty(qc * bc, dtype=torch.bool, device=dev)
-    for qs in range(0, n_test, qc):
-        qe = min(qs + qc, n_test)
-        q = F.normalize(queries.read(qs, qe, dev), dim=1)
-        best_s = torch.full((qe - qs, k), -math.inf, device=dev)
-        best_i = torch.full((qe - qs, k), -1, dtype=torch.long, device=dev)
-        # The first bank chunk is small (its full top-k fills the running top-k cheaply); each next one is at
-        # most as large as what was seen, so in a shuffled bank about k/2 of its rows per query are
-        # expected above the running k-th best, and the sparse merge applies.
-        bs, step = 0, min(bc, max(2 * k, _FIRST_BANK_CHUNK))
-        while bs < n_train:
-            be = min(bs + step, n_train)
-            chunk = F.normalize(bank.read(bs, be, dev), dim=1)
-            sims = torch.mm(q, chunk.T, out=sims_buf[: (qe - qs) * (be - bs)].view(qe - qs, be - bs))
-            del chunk
-            if excluded is not None:
-                sims[:, excluded[bs:be]] = -math.inf
-            mask = mask_buf[: sims.numel()].view(sims.shape)
-            best_s, best_i = _merge(best_s, best_i, sims, bs, k, bs >= k, mask)
-            bs, step = be, min(bc, be)
-        out_s[qs:qe] = best_s.cpu()
-        out_i[qs:qe] = best_i.cpu()
+    with _progress(n_test, qc, n_train) as bar:
+        for qs in range(0, n_test, qc):
+            qe = min(qs + qc, n_test)
+            q = F.normalize(queries.read(qs, qe, dev), dim=1)
+            best_s = torch.full((qe - qs, k), -math.inf, device=dev)
+            best_i = torch.full((qe - qs, k), -1, dtype=torch.long, device=dev)
+            # The first bank chunk is small (its full top-k fills the running top-k cheaply); each next one is at
+            # most as large as what was seen, so in a shuffled bank about k/2 of its rows per query are
+            # expected above the running k-th best, and the sparse merge applies.
+            bs, step = 0, min(bc, max(2 * k, _FIRST_BANK_CHUNK))
+            while bs < n_train:
+                be = min(bs + step, n_train)
+                chunk = F.normalize(bank.read(bs, be, dev), dim=1)
+                sims = torch.mm(q, chunk.T, out=sims_buf[: (qe - qs) * (be - bs)].view(qe - qs, be - bs))
+                del chunk
+                if excluded is not None:
+                    sims[:, excluded[bs:be]] = -math.inf
+                mask = mask_buf[: sims.numel()].view(sims.shape)
+                best_s, best_i = _merge(best_s, best_i, sims, bs, k, bs >= k, mask)
+                bar.update(be - bs)
+                bs, step = be, min(bc, be)
+            out_s[qs:qe] = best_s.cpu()
+            out_i[qs:qe] = best_i.cpu()
 
 
 def knn_topk(

@@ -25,6 +25,8 @@ module), with u_i = the mean predictive sigma of test image i over the K dimensi
 
 Both come from ``prosmin_bench.metrics.uncertainty``; a metric that is undefined for a run (a constant sigma for
 the correlation, a probe with no errors or no correct predictions for the AUROC) is left out with a warning.
+``extras["sigma_vs_error"]`` describes them and holds ``bins``, the probe's top-1 error in each of ``SIGMA_BINS``
+equal-count bins of u_i, lowest sigma first (``metrics.uncertainty_error_bins``; the sigma-vs-error plot).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ import numpy as np
 from scipy.special import logsumexp
 
 from ..errors import CardError, FeatureError
-from ..metrics import MetricArgumentError, misclassification_auroc, spearman_uncertainty_error, temperature_scale
+from ..metrics import (
+    MetricArgumentError, misclassification_auroc, spearman_uncertainty_error, temperature_scale, uncertainty_error_bins,
+)
 from .base import Task, TaskContext, TaskOutput, classification_samples, register_kind
 from .probes import (
     LinearParams,
@@ -55,12 +59,15 @@ log = logging.getLogger(__name__)
 
 #: Uncertainty-vs-error metrics of models with a predictive distribution (see the module docstring).
 SIGMA_ERROR_METRICS = ("sigma_err_spearman", "sigma_misclf_auroc")
+#: Equal-count sigma bins of ``extras["sigma_vs_error"]["bins"]``: deciles, 36 test images each on the mini digits.
+SIGMA_BINS = 10
 
 
 def sigma_error_metrics(uncertainty: np.ndarray, logits: np.ndarray,
                         labels: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
     """``sigma_err_spearman`` and ``sigma_misclf_auroc`` of a per-sample uncertainty [N] against a probe's logits
-    [N, C] on labels [N]; returns (metrics, extras). An undefined metric is left out (logged), never NaN."""
+    [N, C] on labels [N]; returns (metrics, extras), the extras with the error per sigma bin (``bins``). An undefined
+    metric is left out (logged), never NaN."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels)
     nll = logsumexp(z, axis=1) - z[np.arange(len(y)), y]  # -log softmax(z)_y, without forming tiny probabilities
@@ -77,6 +84,11 @@ def sigma_error_metrics(uncertainty: np.ndarray, logits: np.ndarray,
     about: dict[str, Any] = {"uncertainty": "mean predictive sigma", "error": "per-sample NLL of the true class",
                              "n": int(len(y)), "n_misclassified": int((~correct).sum()),
                              "sigma_mean": float(np.mean(uncertainty)) if len(y) else 0.0}
+    try:
+        about["bins"] = uncertainty_error_bins(uncertainty, correct, SIGMA_BINS)
+    except MetricArgumentError as exc:  # e.g. a non-finite sigma: no plot rather than a failed run
+        skipped["bins"] = str(exc)
+        log.warning("sigma_vs_error bins left out: %s", exc)
     if skipped:
         about["skipped"] = skipped
     return out, about

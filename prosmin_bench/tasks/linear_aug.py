@@ -49,7 +49,6 @@ pass with :data:`SERVE_MESSAGE`, which the runner's followers hand to :func:`ser
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -58,9 +57,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
-from tqdm.auto import tqdm
 
-from .. import distributed
+from .. import distributed, progress
 from ..errors import CardError, DataError
 from ..metrics import fit_temperature, temperature_scale
 from ..settings import PRECISIONS
@@ -216,8 +214,7 @@ def train_heads(model: BackboneFace, dataset: Any, indices: np.ndarray, lrs: lis
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
             return model.features(images.to(device, non_blocking=True), p.layer)
 
-    progress = sys.stderr.isatty() and distributed.is_main()
-    for epoch in tqdm(range(p.epochs), desc=desc, disable=not progress, leave=False):
+    for epoch in progress.bar(range(p.epochs), desc=desc, unit="epoch"):  # rank 0's only (progress.py)
         sampler.set_epoch(epoch)  # DINO line 124
         items.epoch = batches.epoch = epoch
         for images, y, index, known in loader:
@@ -296,8 +293,8 @@ class LinearAugTask(Task):
                  ", ".join(f"{v:g}" for v in lrs), len(indices), what, p.epochs)
         return train_heads(ctx.model, ctx.dataset(self.spec.refs["train"]), indices, lrs, c, p, seed=ctx.seed,
                            device=ctx.device, stats=stats, num_workers=ctx.settings.num_workers,
-                           precision=ctx.settings.precision, desc=f"{ctx.model.spec.name} {self.spec.name} {what}",
-                           memo=memo, keep=not last)
+                           precision=ctx.settings.precision, memo=memo, keep=not last,
+                           desc=f"{len(lrs)} head(s) on the {what} images (seed {ctx.seed})")
 
     def run(self, ctx: TaskContext) -> TaskOutput:
         p = self.params

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import progress
 from ..errors import ProsminBenchError
 
 log = logging.getLogger(__name__)
@@ -222,12 +223,12 @@ def fit_multinomial_l2(x: Any, y: Any, lam: float, *, num_classes: int, device: 
 def path(x: Any, y: Any, lams: Sequence[float], *, num_classes: int, device: str | torch.device = "cpu",
          init: Any = None, **kwargs: Any) -> list[LogRegFit]:
     """:func:`fit_multinomial_l2` for each lambda of ``lams`` in the order given (decreasing or increasing), each
-    warm-started from the previous one's weights (the first from ``init``). ``kwargs``: ``max_iter``, ``tol``,
-    ``dtype``."""
+    warm-started from the previous one's weights (the first from ``init``), with a progress bar over the lambdas
+    (:mod:`prosmin_bench.progress`). ``kwargs``: ``max_iter``, ``tol``, ``dtype``."""
     if isinstance(lams, (str, bytes)) or not isinstance(lams, Sequence) or len(lams) == 0:
         raise LogRegArgumentError(f"Expected `lams` to be a non-empty sequence of positive numbers, but got {lams!r}")
     fits: list[LogRegFit] = []
-    for lam in lams:
+    for lam in progress.bar(lams, desc="logistic regression path", unit="lambda"):
         fits.append(fit_multinomial_l2(x, y, lam, num_classes=num_classes, device=device, init=init, **kwargs))
         init = fits[-1].weights
     return fits

@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import progress
 from ..data.subsets import check_covers
 from ..errors import CardError, DataError
 from .base import Task, TaskContext, TaskOutput, classification_samples, register_kind
@@ -88,7 +89,7 @@ class LowShotParams:
     solver: str = "sklearn"  # or "torch": the same objective by L-BFGS on the run's device (module docstring)
 
     #: Fields added after records existed, with the value those records were made with: a record without one is
-    #: compared as if it said this value (``runner._existing_ok``), so the committed records stay reusable.
+    #: compared as if it said this value (``reuse._existing_ok``), so the committed records stay reusable.
     ADDED_FIELDS: ClassVar[dict[str, Any]] = {"solver": "sklearn"}
 
 
@@ -217,24 +218,26 @@ class LowShotTask(Task):
         return grid
 
     def _fit(self, x: np.ndarray, y: np.ndarray, lam: float, device: Any, warm: dict[float, np.ndarray],
-             fits: list[Any]) -> Any:
+             fits: list[Any], bar: Any) -> Any:
         """``fit_logistic`` with the card's solver; a torch fit starts from the weights in ``warm`` (lambda ->
         weights of earlier fits on the same images) of the nearest lambda, adds its own and its LogRegFit to
-        ``fits``."""
+        ``fits``; one step of the progress ``bar``."""
         p = self.params
         clf = fit_logistic(x, y, lam, p.max_iter, p.solver, device, nearest_init(warm, lam))
         if p.solver == "torch":
             warm[lam] = clf.fit_.weights
             fits.append(clf.fit_)
+        bar.update(1)
         return clf
 
     def _choose(self, x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
-                num_classes: int, device: Any, warm: list[dict[float, np.ndarray]],
-                fits: list[Any]) -> tuple[Selection, float, dict[float, str], float]:
+                num_classes: int, device: Any, warm: list[dict[float, np.ndarray]], fits: list[Any],
+                bar: Any) -> tuple[Selection, float, dict[float, str], float]:
         """Lambda chosen by cross-validation on the labelled subset (``tasks/selection.py`` on the pooled
         out-of-fold predictions of ``folds``), with the lambda to refit the whole subset with, each evaluated value's
         label (``"0.01"``, ``"0.1/N"``) and the temperature fitted on the pooled out-of-fold logits (module
-        docstring). ``warm``: one dict per fold for :meth:`_fit`."""
+        docstring). ``warm``: one dict per fold for :meth:`_fit`; ``bar``: counts the fits (its total covers the
+        card's grid and the refit; each extension point adds one fit per fold)."""
         p = self.params
         n_fit = float(np.mean([len(f) for f, _ in folds]))  # the N of a lambda/N entry while choosing
         card = self._grid(n_fit)
@@ -244,10 +247,14 @@ class LowShotTask(Task):
         best: dict[str, Any] = {"key": None}
         y_val = np.concatenate([y[v] for _, v in folds])
 
+        grid = {v for v, _ in card}
+
         def evaluate(lam: float) -> Score:
             probs, logits = [], []
+            if lam not in grid:  # an extension point past an edge of the grid
+                bar.total += len(folds)
             for (fit_idx, val_idx), fold_warm in zip(folds, warm):
-                clf = self._fit(x[fit_idx], y[fit_idx], lam, device, fold_warm, fits)
+                clf = self._fit(x[fit_idx], y[fit_idx], lam, device, fold_warm, fits, bar)
                 probs.append(predict_proba_full(clf, x[val_idx], num_classes))
                 # every class of the subset keeps a fit example in every fold (stratified_folds), so the columns of
                 # the decision function are the same classes in every fold
@@ -292,10 +299,14 @@ class LowShotTask(Task):
             )
         warm: list[dict[float, np.ndarray]] = [{} for _ in folds]
         fits: list[Any] = []  # the torch solver's LogRegFits, the refit's last
-        sel, lam, labels, temperature = self._choose(x, y, folds, num_classes, ctx.device, warm, fits)
-        # every class of the subset has fit examples in every fold (stratified_folds): the first fold's weights at
-        # the chosen lambda have the refit's shape
-        clf = self._fit(x, y, lam, ctx.device, {lam: warm[0][sel.chosen]} if p.solver == "torch" else {}, fits)
+        n_grid = len({v for v, _ in self._grid(float(np.mean([len(f) for f, _ in folds])))})
+        with progress.bar(desc=f"logistic regression, {len(y)} labelled images (seed {ctx.seed})",
+                          total=n_grid * len(folds) + 1, unit="fit") as bar:
+            sel, lam, labels, temperature = self._choose(x, y, folds, num_classes, ctx.device, warm, fits, bar)
+            # every class of the subset has fit examples in every fold (stratified_folds): the first fold's weights
+            # at the chosen lambda have the refit's shape
+            clf = self._fit(x, y, lam, ctx.device, {lam: warm[0][sel.chosen]} if p.solver == "torch" else {}, fits,
+                            bar)
         x_test = l2_normalise((np.asarray(test.features, dtype=np.float64) - mean) / std)
         probs = predict_proba_full(clf, x_test, num_classes)
         metrics = classification_metrics(probs, y_test, p.n_bins)

@@ -30,6 +30,13 @@ four metrics:
   that r samples leave, which is what the loss sees during training.
 
 Models without a predictive head report neither (absent, not NaN).
+
+Extras for the plots (the runner keeps the first seed's): ``msp_hist`` (MSP histograms of the ID and OOD sets) and
+``roc``, ``{score: {"fpr": [101], "tpr": [101]}}`` for every score above: the ROC curve of the score's ``*_auroc``
+(OOD positive, scored by -confidence; ``metrics.ood_roc_curve``) resampled to 101 points along the curve
+(``metrics.compact_roc``; its trapezoid area is the record's AUROC to within about 5e-4). Open-set recognition
+stores the vertical average of the splits' curves (``metrics.average_roc_curves``), whose area is the mean of the
+splits' AUROCs, as the metrics are.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from ..data.folder import read_lines
 from ..data.subsets import resolve_split_file
 from ..errors import CardError, DataError, FeatureError, ProsminBenchError
 from ..metrics import (
-    ScoreSamples, energy_confidence, knn_distance_confidence, max_logit_confidence, msp_confidence, ood_metrics,
+    ScoreSamples, average_roc_curves, compact_roc, energy_confidence, knn_distance_confidence, max_logit_confidence,
+    msp_confidence, ood_metrics, ood_roc_curve,
 )
 from ..metrics.bootstrap import DEFAULT_N_BOOT, DEFAULT_SEED
 from .base import Task, TaskContext, TaskOutput, register_kind
@@ -89,6 +97,16 @@ def _histogram(values: np.ndarray, bins: int) -> dict[str, Any]:
     q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist() if len(values) else []
     return {"edges": edges.tolist(), "counts": counts.tolist(),
             "quantiles": dict(zip(["5", "25", "50", "75", "95"], q))}
+
+
+def roc_extras(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict[str, list[float]]]:
+    """``extras["roc"]``: each score's (fpr, tpr) curve as ``metrics.compact_roc`` points rounded to 1e-6 (the area
+    moves by less than 1e-6; the record stays small)."""
+    out = {}
+    for name, curve in curves.items():
+        fpr, tpr = compact_roc(*curve)
+        out[name] = {"fpr": np.round(fpr, 6).tolist(), "tpr": np.round(tpr, 6).tolist()}
+    return out
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
@@ -230,6 +248,7 @@ class OODTask(Task):
             "head": {"task": shared.task.name, "lr": shared.head.lr, "val_top1": shared.head.val_top1,
                      "classes": int(len(classes))},
             "knn_k": k,
+            "roc": roc_extras({name: ood_roc_curve(*c) for name, c in conf.items()}),
         }
         if predictive:
             extras["predictive"] = self._predictive_extras(ctx, {"id": -conf["sigma"][0], "ood": -conf["sigma"][1]})
@@ -276,6 +295,7 @@ class OODTask(Task):
         full_confs: list[dict[str, np.ndarray]] = []
         masks: list[np.ndarray] = []
         pooled: dict[str, list[np.ndarray]] = {"id": [], "ood": []}
+        curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # score -> each split's ROC curve
         for j, split in enumerate(p.class_splits):
             classes = [int(c) for c in split]
             id_rows, ood_rows = split_rows(labels, classes, f"{self.spec.name} split {j}")
@@ -288,6 +308,8 @@ class OODTask(Task):
             full.update({name: c[0] for name, c in pred.items()})
             conf = {name: (c[id_rows], c[ood_rows]) for name, c in full.items()}
             scores = ood_scores(conf)
+            for name, c in conf.items():
+                curves.setdefault(name, []).append(ood_roc_curve(*c))
             scores["id_top1"] = float((logits[id_rows].argmax(1) == remap_labels(labels[id_rows], classes)).mean())
             per_split.append(scores)
             full_confs.append(full)
@@ -307,6 +329,7 @@ class OODTask(Task):
             "msp_hist": {"id": _histogram(msp_id, p.hist_bins), "ood": _histogram(msp_ood, p.hist_bins)},
             "head": {"task": p.head_task, "lr": [s["lr"] for s in splits], "classes": len(p.class_splits[0])},
             "knn_k": min(s["knn_k"] for s in splits),
+            "roc": roc_extras({name: average_roc_curves(cs) for name, cs in curves.items()}),
             "open_set": {"rule": "every seed evaluates every split; each metric is the mean over the splits",
                          "splits": splits},
         }

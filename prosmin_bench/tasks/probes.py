@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import config
+from .. import config, progress
 from ..atomic import atomic_path
 from ..data.base import DatasetRef
 from ..data.subsets import LabelledSubset, resolve_split_file, stratified_subset, subset_from_split_file
@@ -206,14 +206,23 @@ def fit_linear_probe(ctx: TaskContext, train_ref: DatasetRef, params: LinearPara
                                     standardise=params.standardise)
     grid = list(dict.fromkeys(float(v) for v in params.base_lrs))
     trained: dict[float, torch.nn.Linear] = {}
+    # One step per head trained: the grid's (together), each extension point's, the final head's.
+    bar = progress.bar(desc=f"linear probe lr sweep on {train_ref.raw} (seed {ctx.seed})", total=len(grid) + 1,
+                       unit="head")
 
     def evaluate(lr: float) -> Score:
         # First call (select_on_grid has checked the grid): the card's whole grid in one batched call, each head as
         # if trained alone (tasks/probe_heads.py); the extension points past an edge are trained as they are asked.
         if grid:
             trained.update(zip(grid, train_linear_heads(x_fit, y[fit_idx], c, lrs=grid, **train_kw)))
+            bar.update(len(grid))
             grid.clear()
-        head = trained.pop(lr) if lr in trained else train_linear_head(x_fit, y[fit_idx], c, lr=lr, **train_kw)
+        if lr in trained:
+            head = trained.pop(lr)
+        else:
+            bar.total += 1
+            head = train_linear_head(x_fit, y[fit_idx], c, lr=lr, **train_kw)
+            bar.update(1)
         logits = predict_logits(head, x_val).astype(np.float64)
         score = logits_score(logits, y_val)
         log.debug("linear probe lr %g: held-out top1 %.4f nll %.4f", lr, score.top1, score.nll)
@@ -221,10 +230,12 @@ def fit_linear_probe(ctx: TaskContext, train_ref: DatasetRef, params: LinearPara
             best.update(key=score.key, logits=logits, head=head)
         return score
 
-    sel = select_on_grid(params.base_lrs, evaluate, params.lr_bounds)
-    lr = sel.chosen
-    temperature = fit_temperature(best["logits"], y_val) if len(val_idx) else None
-    head = train_linear_head(x, y, c, lr=lr, **train_kw)
+    with bar:
+        sel = select_on_grid(params.base_lrs, evaluate, params.lr_bounds)
+        lr = sel.chosen
+        temperature = fit_temperature(best["logits"], y_val) if len(val_idx) else None
+        head = train_linear_head(x, y, c, lr=lr, **train_kw)
+        bar.update(1)
     val_top1 = sel.scores[lr].top1
     val_scores = sel.score_table()
     calib = best["head"] if len(val_idx) else None
