@@ -146,8 +146,7 @@ def evaluate(mspecs: Sequence[ModelSpec], tspecs: Sequence[TaskSpec], opts: RunO
     """Evaluate ``mspecs`` x ``tspecs`` with ``opts.jobs`` worker processes; the records in the serial order
     (model by model, each model's tasks in order). A worker that dies (killed for memory, a crash in native code)
     leaves an error record for each of its model's tasks that has no result, and the others go on."""
-    from .paths import record_path
-    from .reuse import file_stamp
+    from .reuse import folder_stamps, reused_pairs
     from .runner import error_records
 
     results: dict[int, list[Record]] = {}
@@ -174,12 +173,10 @@ def evaluate(mspecs: Sequence[ModelSpec], tspecs: Sequence[TaskSpec], opts: RunO
             shares = [refs[k::jobs] for k in range(jobs)]
             for fut in [pool.submit(_make_data, share, opts.data_root) for share in shares if share]:
                 fut.result()  # a failure here recurs in each model's corruption task, which records it
-        futures = {}
-        for i in order:
-            stamps = [file_stamp(record_path(opts.results_dir, mspecs[i].name, t)) for t in tasks]
-            futures[pool.submit(_run_model, mspecs[i].name, tasks, opts, prepare)] = (i, stamps)
+        before = folder_stamps(opts.results_dir)  # only the workers write records, and only after this
+        futures = {pool.submit(_run_model, mspecs[i].name, tasks, opts, prepare): i for i in order}
         for fut in cf.as_completed(futures):
-            i, stamps = futures[fut]
+            i = futures[fut]
             try:
                 results[i] = fut.result()
             except cf.process.BrokenProcessPool as exc:
@@ -189,7 +186,7 @@ def evaluate(mspecs: Sequence[ModelSpec], tspecs: Sequence[TaskSpec], opts: RunO
                 ) from None
             except ProsminBenchError as exc:  # e.g. a model's weights could not be loaded on this machine
                 results[i] = error_records(mspecs[i].name, tspecs, exc, opts)
-            finished.report(results[i], stamps, opts.results_dir)
+            finished.report(results[i], reused_pairs(results[i], opts.results_dir, before))
     except BaseException:
         # Ctrl-C reaches the workers too (one process group); SIGTERM may reach only this process: end them, so
         # no worker goes on writing records after the run has stopped.
@@ -208,16 +205,13 @@ class _Finished:
     def __init__(self, total: int, done: int) -> None:
         self.total, self.done = total, done
 
-    def report(self, records: Sequence[Record], stamps: Sequence[Any], results_dir: Any) -> None:
-        """``stamps``: :func:`reuse.file_stamp` of each record's file before its job, in the records' order."""
-        from .paths import record_path
-        from .reuse import file_stamp
-
-        for rec, before in zip(records, stamps):
+    def report(self, records: Sequence[Record], reused: set[tuple[str, str]]) -> None:
+        """``reused``: the (model, task) of the records the job left as they were (:func:`reuse.reused_pairs`)."""
+        for rec in records:
             self.done += 1
             if getattr(rec, "record_type", "") == "error":
                 how = "failed"
-            elif before is not None and file_stamp(record_path(results_dir, rec.model, rec.task)) == before:
+            elif (rec.model, rec.task) in reused:
                 how = "up to date"
             else:
                 how = f"{getattr(rec, 'wall_time_s', 0.0):.1f} s"

@@ -14,7 +14,7 @@ from prosmin_bench import distributed, parallel, progress
 from prosmin_bench.errors import ProsminBenchError
 from prosmin_bench.paths import record_path
 from prosmin_bench.results import ErrorRecord, ResultRecord, write_record
-from prosmin_bench.reuse import file_stamp
+from prosmin_bench.reuse import file_stamp, folder_stamps, reused_pairs
 
 
 @pytest.fixture(autouse=True)
@@ -135,17 +135,18 @@ def test_the_jobs_parent_numbers_pairs_as_they_come_back(tmp_path, caplog):
     write_record(old, res)
     stamps = [file_stamp(record_path(res, "m", t)) for t in ("kept", "new", "bad")]
     assert stamps[0] is not None and stamps[1:] == [None, None]
+    before = folder_stamps(res)  # what the parent takes before handing out the jobs
     new = _result("m", "new", 2.4)
     write_record(new, res)
     bad = ErrorRecord(model="m", task="bad", task_version=1, error_type="DataError", message="no images")
     caplog.set_level(logging.INFO, logger="prosmin_bench.parallel")
     finished = parallel._Finished(total=5, done=2)  # two pairs were current before any worker started
-    finished.report([old, new, bad], stamps, res)
+    finished.report([old, new, bad], reused_pairs([old, new, bad], res, before))
     assert [r.getMessage() for r in caplog.records] == [
         "pair 3/5 done: m / kept (up to date)", "pair 4/5 done: m / new (2.4 s)", "pair 5/5 done: m / bad (failed)"]
     write_record(old, res)  # the same record written again is a new file: computed, not reused
     caplog.clear()
-    parallel._Finished(total=1, done=0).report([old], stamps[:1], res)
+    parallel._Finished(total=1, done=0).report([old], reused_pairs([old], res, before))
     assert [r.getMessage() for r in caplog.records] == ["pair 1/1 done: m / kept (9.0 s)"]
 
 
